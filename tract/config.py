@@ -1,0 +1,306 @@
+"""The one command line of train.py and finetune.py: argument parser, YAML configs, validation.
+
+Precedence is timm's: parser default < ``-c/--config`` YAML < command line. YAML keys are the argument dest names
+(``lr``, ``batch_size``, ``three_augment``, ...); unlike timm, an unknown key is an error that names the closest valid
+one. DeiT's ``main.py`` flag names are accepted (``--ThreeAugment``, ``--output_dir``, ``--bce-loss``, ...), new options
+are kebab-case, and every boolean can be turned both ways (``--tract``/``--no-tract``).
+
+The parser defaults are a quick Fashion-MNIST demo (``python train.py`` alone trains a small ViT in minutes); options
+that DeiT III's README command does not set keep DeiT's defaults, so that command runs as DeiT would run it. The paper
+runs are the YAML files in ``configs/``.
+"""
+import argparse
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from tract.data import DATASETS
+
+__all__ = ["ConfigError", "get_args_parser", "parse_args", "validate_args", "load_config", "save_args",
+           "parse_model_kwargs"]
+
+LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
+
+
+class ConfigError(ValueError):
+    """A bad option value or config file: the message names the problem and the fix."""
+
+
+def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """Turn ``k=v`` strings into a dict, values read as Python literals (``4``, ``1e-4``, ``True``, ``'avg'``)."""
+    import ast
+
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--model-kwargs expects key=value pairs, got {item!r} (e.g. patch_size=4)")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare word such as global_pool=avg is meant as a string
+    return kwargs
+
+
+class _ModelKwargs(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, parse_model_kwargs(values))
+        except ConfigError as e:
+            parser.error(str(e))
+
+
+class _Refused(argparse.Action):
+    """A DeiT option whose job belongs to the launcher here: refuse it with a pointer instead of ignoring it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is DeiT's submitit/torch.distributed option; {LAUNCH_HINT}")
+
+
+def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Build the full parser; ``defaults`` (e.g. finetune.py's) replace the parser defaults before any YAML."""
+    p = argparse.ArgumentParser(prog=prog, description="DeiT III training on timm + Accelerate, with TrAct.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML of argument values (dest names)")
+
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data-set", "--data_set", dest="data_set", default=None, choices=DATASETS,
+                   help="dataset; None = IMNET when --data-path is given (DeiT), else Fashion-MNIST (the demo)")
+    g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
+                   help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")
+    g.add_argument("--in-chans", type=int, default=3, help="input channels (grayscale is repeated to 3 unless 1)")
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=None,
+                   help="data loader workers per process; None = min(10, CPUs per process)")
+    g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action=bool_flag, default=True,
+                   help="pin host memory of batches (faster host-to-GPU copies)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_tiny_patch16_224",
+                   help="timm model name, or DeiT III's deit_small_patch16_LS / deit_base_patch16_LS")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="K=V",
+                   help="extra timm.create_model keyword arguments, values as Python literals")
+    g.add_argument("--input-size", type=int, default=28, help="image size (the model is built for it)")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    g.add_argument("--drop-path-schedule", default=None, choices=("uniform", "linear"),
+                   help="stochastic depth per block: the same rate in every block (DeiT III) or timm's linear "
+                        "ramp; None = uniform for DeiT III models, linear otherwise")
+    g.add_argument("--layer-scale-init", type=float, default=None,
+                   help="LayerScale init value; None = 1e-4 for DeiT III models, the timm model's own otherwise")
+    g.add_argument("--finetune", default=None, metavar="WEIGHTS", help="start from these weights (finetune.py)")
+
+    g = p.add_argument_group("TrAct")
+    g.add_argument("--tract", action=bool_flag, default=False, help="train the first layer with TrAct")
+    g.add_argument("--tract-lambda", type=float, default=0.1, help="TrAct's lambda (0.1; 0.2 for long runs)")
+    g.add_argument("--tract-layer", default=None, metavar="NAME",
+                   help="dotted name of the layer to wrap; None = the model's first layer")
+    g.add_argument("--tract-sync-gram", action=bool_flag, default=False,
+                   help="all-reduce the Gram matrix across processes (the synchronised variant)")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name; DeiT's fusedlamb means timm's lamb")
+    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon; None = the optimizer's")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas; None = the optimizer's")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (none on 1-D params)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm; None = off")
+    g.add_argument("--lr", type=float, default=2e-3,
+                   help="learning rate at a global batch of 512 (scaled by global batch / 512 unless --unscale-lr)")
+    g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
+
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "poly", "constant"),
+                   help="timm scheduler")
+    g.add_argument("--epochs", type=int, default=3, help="epochs to train")
+    g.add_argument("--warmup-epochs", type=int, default=1, help="epochs of linear warmup from --warmup-lr")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
+    g.add_argument("--decay-epochs", type=float, default=30, help="epochs between decays (step schedule)")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="lr decay factor (step schedule)")
+    g.add_argument("--sched-on-updates", action=bool_flag, default=False,
+                   help="step the lr every optimizer update instead of once per epoch (DeiT: per epoch)")
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--ThreeAugment", "--three-augment", dest="three_augment", action=bool_flag, default=False,
+                   help="DeiT III's 3-Augment replaces the whole train transform")
+    g.add_argument("--src", action=bool_flag, default=False,
+                   help="simple random crop (resize, pad-4 random crop, flip) instead of RandomResizedCrop")
+    g.add_argument("--color-jitter", type=float, default=0.3, help="color jitter strength")
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; None = off")
+    g.add_argument("--train-interpolation", default="bicubic", help="resize interpolation")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--repeated-aug", action=bool_flag, default=False,
+                   help="repeated augmentation x3 (multi-process runs only)")
+    g.add_argument("--eval-crop-ratio", type=float, default=1.0, help="eval: resize to size/ratio, center crop")
+
+    g = p.add_argument_group("mixup, cutmix and loss")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0 = off")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0 = off")
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, help="cutmix min/max area ratio")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both are on")
+    g.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"), help="how to mix")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--bce-loss", action=bool_flag, default=False,
+                   help="binary cross-entropy on binarised (target > 0) mixup targets (DeiT III)")
+
+    g = p.add_argument_group("EMA")
+    g.add_argument("--model-ema", action=bool_flag, default=False, help="keep an EMA of the weights (saved)")
+    g.add_argument("--model-ema-decay", type=float, default=0.99996, help="EMA decay per update")
+    g.add_argument("--model-ema-force-cpu", action=bool_flag, default=False, help="keep the EMA on the CPU")
+    g.add_argument("--model-ema-eval", action=bool_flag, default=False, help="also evaluate the EMA every epoch")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                   help="run folder; None = output/train/<time>-<model>-<size>")
+    g.add_argument("--resume", default=None, metavar="PATH", help="a run folder (newest checkpoint) or a checkpoint")
+    g.add_argument("--eval", action=bool_flag, default=False, help="only evaluate (--resume or --finetune weights)")
+    g.add_argument("--dry-run", action=bool_flag, default=False,
+                   help="resolve and print everything, then exit without training or writing")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="None = the launcher's setting (accelerate config / launch flag)")
+    g.add_argument("--dist-timeout", type=float, default=60.0, help="process-group timeout in minutes")
+    g.add_argument("--progress", action=bool_flag, default=True, help="tqdm bar (only on a terminal)")
+    g.add_argument("--checkpoint-hist", type=int, default=1, help="newest epoch checkpoints kept besides best")
+    g.add_argument("--max-updates-per-epoch", type=int, default=None,
+                   help="cap optimizer updates per epoch (smoke tests of a setup); the schedule follows the cap")
+    for flag in ("--nodes", "--ngpus", "--world_size", "--dist_url", "--dist-url"):
+        p.add_argument(flag, action=_Refused)
+
+    if defaults:
+        unknown = set(defaults) - {a.dest for a in p._actions}
+        if unknown:
+            raise ConfigError(f"unknown default(s) {sorted(unknown)}")
+        p.set_defaults(**defaults)
+    return p
+
+
+def _dests(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config") and a.default != argparse.SUPPRESS}
+
+
+def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
+    """Read a YAML config and check it against the parser: unknown keys and bad values are ConfigErrors."""
+    parser = parser or get_args_parser()
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path} must be a mapping of argument names to values")
+    actions = _dests(parser)
+    out = {}
+    for key, value in cfg.items():
+        key = str(key).replace("-", "_")
+        if key not in actions:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config {path}: unknown key '{key}'{hint}")
+        out[key] = _coerce(actions[key], value, f"config {path}: key '{key}'")
+    return out
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """Give a YAML value the type the command line would give it (YAML reads 4e-3 as a string, for one)."""
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, _ModelKwargs):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, e.g. {{patch_size: 4}}")
+        return value
+    convert = action.type or (lambda v: v)
+    try:
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            value = [convert(v) if isinstance(v, str) else v for v in (value if isinstance(value, list) else [value])]
+        elif isinstance(value, str) and action.type is not None:
+            value = convert(value)
+        elif action.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} has a bad value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where} must be one of {list(action.choices)}, got {value!r}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None,
+               prog: Optional[str] = None) -> argparse.Namespace:
+    """Parse the command line: defaults, then ``-c`` YAML, then the remaining flags; then validate."""
+    parser = get_args_parser(defaults, prog=prog)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("-c", "--config", default=None)
+    known, _ = first.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject values that cannot work, before anything is built or written; each message says the fix."""
+    positive = {"batch_size": "--batch-size", "epochs": "--epochs", "accum_steps": "--accum-steps",
+                "input_size": "--input-size", "in_chans": "--in-chans", "dist_timeout": "--dist-timeout",
+                "checkpoint_hist": "--checkpoint-hist"}
+    for key, flag in positive.items():
+        if not getattr(args, key) > 0:
+            raise ConfigError(f"{flag} must be > 0, got {getattr(args, key)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    non_negative = {"weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs",
+                    "warmup_lr": "--warmup-lr", "min_lr": "--min-lr", "drop": "--drop", "drop_path": "--drop-path",
+                    "mixup": "--mixup", "cutmix": "--cutmix", "smoothing": "--smoothing", "reprob": "--reprob",
+                    "color_jitter": "--color-jitter", "seed": "--seed"}
+    for key, flag in non_negative.items():
+        value = getattr(args, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if not (args.tract_lambda > 0 and math.isfinite(args.tract_lambda)):
+        raise ConfigError(f"--tract-lambda must be > 0 (the paper uses 0.1, 0.2 for long runs), got {args.tract_lambda}")
+    for key in ("drop", "drop_path", "reprob", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(args, key) <= 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1], got {getattr(args, key)}")
+    if not 0 < args.eval_crop_ratio <= 1:
+        raise ConfigError(f"--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}")
+    if args.smoothing >= 1:
+        raise ConfigError(f"--smoothing must be < 1, got {args.smoothing}")
+    if args.bce_loss and args.smoothing > 0:
+        raise ConfigError("--bce-loss binarises targets (> 0), which would make every class positive with label "
+                          f"smoothing {args.smoothing}: pass --smoothing 0.0 with --bce-loss (as DeiT III does)")
+    if args.max_updates_per_epoch is not None and args.max_updates_per_epoch <= 0:
+        raise ConfigError(f"--max-updates-per-epoch must be > 0, got {args.max_updates_per_epoch}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.three_augment and args.aa:
+        raise ConfigError(f"--ThreeAugment replaces the whole train transform, so --aa {args.aa} would be ignored: "
+                          "drop one of them")
+    if args.eval and not (args.resume or args.finetune):
+        raise ConfigError("--eval needs weights: pass --resume RUN_OR_CHECKPOINT (or --finetune WEIGHTS)")
+    if args.resume and args.finetune:
+        raise ConfigError("--resume continues a run and --finetune starts a new one from weights: pass only one")
+
+
+def save_args(args: argparse.Namespace, path: Path) -> None:
+    """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
+    skip = {"config", "resume", "eval", "dry_run"}
+    values = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,114 @@
+"""Model building: timm.create_model, DeiT III's own model details, and TrAct on the first layer.
+
+DeiT III names its models ``deit_small_patch16_LS`` etc.; timm has the same networks as ``deit3_*`` but initialises
+LayerScale at 1e-6 and ramps stochastic depth linearly over the blocks, where DeiT III uses 1e-4 and the same rate in
+every block. With a DeiT III name both are set DeiT III's way unless ``--layer-scale-init`` /
+``--drop-path-schedule`` say otherwise.
+"""
+import argparse
+import copy
+import difflib
+from typing import Callable, Dict, Optional, Tuple
+
+import timm
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from tract.config import ConfigError
+
+__all__ = ["DEIT3_MODELS", "resolve_model_name", "build_model", "set_drop_path", "plain_state_dict", "count_parameters"]
+
+# DeiT III's model names (models_v2.py) -> the same networks in timm.
+DEIT3_MODELS = {
+    "deit_small_patch16_LS": "deit3_small_patch16_224",
+    "deit_medium_patch16_LS": "deit3_medium_patch16_224",
+    "deit_base_patch16_LS": "deit3_base_patch16_224",
+    "deit_large_patch16_LS": "deit3_large_patch16_224",
+    "deit_huge_patch14_LS": "deit3_huge_patch14_224",
+}
+DEIT3_LAYER_SCALE_INIT = 1e-4  # DeiT III models_v2.py: init_scale=1e-4 (timm's deit3_*: 1e-6)
+
+
+def resolve_model_name(name: str) -> Tuple[str, bool]:
+    """Map a DeiT III name to timm's and say whether the model follows DeiT III's conventions."""
+    timm_name = DEIT3_MODELS.get(name, name)
+    if not timm.is_model(timm_name):
+        choices = list(DEIT3_MODELS) + timm.list_models()
+        close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ConfigError(f"unknown model '{name}'{hint} (timm.list_models('*vit*') lists timm's models)")
+    return timm_name, timm_name.startswith("deit3_")
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Give every stochastic-depth slot (timm blocks' ``drop_path*``) the same rate; return how many slots."""
+    slots = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if name.startswith("drop_path") and isinstance(child, (DropPath, nn.Identity)):
+                setattr(module, name, DropPath(rate) if rate > 0 else nn.Identity())
+                slots += 1
+    return slots
+
+
+def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[str], None] = print
+                ) -> Tuple[nn.Module, Optional[str]]:
+    """Create the model for ``args`` (``--finetune`` weights, TrAct if asked); return (model, TrAct layer or None)."""
+    name, deit3 = resolve_model_name(args.model)
+    layer_scale = args.layer_scale_init if args.layer_scale_init is not None else (
+        DEIT3_LAYER_SCALE_INIT if deit3 else None)
+    schedule = args.drop_path_schedule or ("uniform" if deit3 else "linear")
+
+    kwargs: Dict = dict(num_classes=num_classes, in_chans=args.in_chans, drop_rate=args.drop,
+                        drop_path_rate=args.drop_path, img_size=args.input_size)
+    if layer_scale is not None:
+        kwargs["init_values"] = layer_scale
+    kwargs.update(args.model_kwargs)
+    try:
+        model = timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e) or "img_size" in args.model_kwargs:
+            raise ConfigError(f"timm.create_model('{name}') refused an argument: {e}; "
+                              "check --model-kwargs / --layer-scale-init for this model") from None
+        # Convolutional networks take any input size and have no img_size argument.
+        del kwargs["img_size"]
+        try:
+            model = timm.create_model(name, **kwargs)
+        except TypeError as e2:
+            raise ConfigError(f"timm.create_model('{name}') refused an argument: {e2}; "
+                              "check --model-kwargs / --layer-scale-init for this model") from None
+
+    if schedule == "uniform" and args.drop_path > 0 and set_drop_path(model, args.drop_path) == 0:
+        raise ConfigError(f"model '{name}' has no stochastic-depth slots to set uniformly: "
+                          "pass --drop-path-schedule linear")
+
+    if args.finetune:
+        from tract.weights import load_pretrained
+
+        load_pretrained(model, args.finetune, log=log)  # before TrAct, so the keys are the vanilla model's
+
+    layer = None
+    if args.tract:
+        from tract import apply_tract
+
+        try:
+            layer = apply_tract(model, lam=args.tract_lambda, layer=args.tract_layer, sync_gram=args.tract_sync_gram)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"cannot apply TrAct to '{name}': {e} (name the layer with --tract-layer)") from None
+    return model, layer
+
+
+def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state_dict with the keys of the vanilla timm model (TrAct unwrapped), on the CPU, contiguous."""
+    from tract import TrAct, remove_tract
+
+    if any(isinstance(m, TrAct) for m in model.modules()):
+        model = copy.deepcopy(model)
+        remove_tract(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (DeiT's n_parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,90 @@
+"""Process setup: the Accelerator (precision, process-group timeout), data-loader workers, and preemption signals.
+
+Preemption contract (SLURM's ``--signal``, ``scancel --signal``, a cluster's SIGTERM before a kill): on SIGUSR1 or
+SIGTERM a process only raises a flag. The training loop checks it after every optimizer update with one all-reduce,
+so every process stops after the same update; train.py then writes the ``last`` checkpoint (with the position inside
+the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update.
+"""
+import argparse
+import os
+import signal
+from datetime import timedelta
+
+import torch
+
+from tract.config import ConfigError
+
+__all__ = ["EXIT_REQUEUE", "requested_precision", "check_precision", "build_accelerator", "default_num_workers",
+           "Preemption"]
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
+
+
+def requested_precision(args: argparse.Namespace) -> str:
+    """The precision this run will use: --mixed-precision, else the launcher's (accelerate config / env)."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse bf16 on a GPU that has none (compute capability < 8.0, e.g. V100) with the fix in the message."""
+    if precision != "bf16" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU"):
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        name = torch.cuda.get_device_name()
+        raise ConfigError(f"bf16 was asked for, but {name} (compute capability {major}.{minor}) has no bf16: "
+                          "use --mixed-precision fp16 (the *_v100x8.yaml configs do)")
+
+
+def build_accelerator(args: argparse.Namespace):
+    """Create the Accelerator: gradient accumulation, the process-group timeout, and precision only if asked.
+
+    An explicit mixed_precision would override the launcher's setting, so it is passed only when the user set one.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    check_precision(requested_precision(args))
+    kwargs = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
+    # Generous: while rank 0 alone evaluates or saves, the other ranks wait in a collective.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
+    return Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
+
+
+def default_num_workers() -> int:
+    """DeiT's 10 loader workers per process, fewer when this machine's CPUs are shared by more processes."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(10, per_process))
+
+
+class Preemption:
+    """Turns SIGUSR1/SIGTERM into a flag that all processes agree on at the same optimizer update."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> "Preemption":
+        """Start catching the signals (main thread only, as Python requires)."""
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, accelerator) -> bool:
+        """True on every process once any process got a signal: one tiny all-reduce when distributed."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
