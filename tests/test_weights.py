@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from tract.weights import WeightsError, adapt_state_dict, load_pretrained, load_state_dict
+from tract.weights import WeightsError, adapt_state_dict, find_run_args, load_pretrained, load_state_dict
 
 WIDTH = 24
 
@@ -251,6 +251,27 @@ def test_folder_without_weights_names_what_it_expected_and_found(tmp_path):
     (tmp_path / "args.yaml").write_text("lr: 1\n")
     with pytest.raises(WeightsError, match=r"model\.safetensors.*found args\.yaml"):
         load_state_dict(tmp_path)
+
+
+def test_unfinished_run_folder_points_at_its_newest_checkpoint(tmp_path):
+    (tmp_path / "args.yaml").write_text("lr: 1\n")
+    (tmp_path / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    with pytest.raises(WeightsError, match=r"not finished: pass its newest checkpoint, .*checkpoints/last"):
+        load_state_dict(tmp_path)
+
+
+def test_run_args_are_found_from_the_run_folder_its_weights_file_and_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "epoch-0002"
+    ckpt.mkdir(parents=True)
+    (run / "args.yaml").write_text("model: x\n")
+    (run / "model.safetensors").write_bytes(b"")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (run / "checkpoints" / "last").symlink_to("epoch-0002")
+    for weights in (run, run / "model.safetensors", ckpt, ckpt / "model.safetensors", run / "checkpoints" / "last"):
+        assert find_run_args(weights) == (run / "args.yaml").resolve(), weights
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert find_run_args(tmp_path / "w.pth") is None
 
 
 def test_missing_path_and_non_weights_files_are_clear_errors(tmp_path):

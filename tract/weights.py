@@ -89,14 +89,23 @@ def load_pretrained(model: nn.Module, path: str | Path, *, log: Log = print) -> 
     log(f"loaded pretrained weights from {path}")
 
 
+def find_run_args(path: str | Path) -> Path | None:
+    """The args.yaml of the train.py run that wrote these weights (run folder, its file, a checkpoint), or None."""
+    path = Path(path).resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder, folder.parent.parent] if folder.parent.name == "checkpoints" else [folder]
+    return next((c / "args.yaml" for c in candidates if (c / "args.yaml").is_file()), None)
+
+
 def _weights_file_in(folder: Path) -> Path:
     for name in FOLDER_FILES:
         if (folder / name).is_file():
             return folder / name
     found = sorted(p.name for p in folder.iterdir())
+    hint = (f"the run has not finished: pass its newest checkpoint, {folder / 'checkpoints' / 'last'}"
+            if (folder / "checkpoints").is_dir() else "pass a train.py run folder or a weights file")
     raise WeightsError(f"no weights in folder {folder}: expected one of {', '.join(FOLDER_FILES)} (written by "
-                       f"train.py or Accelerate save_state), found {_listing(found) if found else 'nothing'}; "
-                       f"pass the run's output folder or a weights file")
+                       f"train.py or Accelerate save_state), found {_listing(found) if found else 'nothing'}; {hint}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
