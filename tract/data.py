@@ -1,0 +1,366 @@
+"""Datasets, transforms and the repeated-augmentation sampler of train.py and finetune.py.
+
+Every dataset is read from a folder the user already has; nothing is fetched unless ``download=True``
+(``--download``). Layouts (ROOT is ``--data-path``):
+
+- ``IMNET``, ``FOLDER``: DeiT's ImageFolder layout, ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``.
+- ``CIFAR10`` / ``CIFAR100``: torchvision's, ``ROOT/cifar-10-batches-py/`` / ``ROOT/cifar-100-python/``.
+- ``FMNIST``: the four IDX files (``.gz`` or not) flat in ROOT (Debian's ``dataset-fashion-mnist`` layout, the default
+  ROOT) or in torchvision's ``ROOT/FashionMNIST/raw/``.
+- ``FLOWERS``: torchvision's Flowers102, ``ROOT/flowers-102/{jpg/, imagelabels.mat, setid.mat}``.
+- ``CARS``: torchvision's StanfordCars, ``ROOT/stanford_cars/...`` (see ``CARS_LAYOUT``); it cannot be downloaded.
+
+timm, torchvision and scipy are imported inside the functions so that ``import tract`` needs torch alone.
+"""
+import gzip
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "build_dataset", "check_dataset", "build_transform",
+           "RASampler", "FashionMNISTIDX"]
+
+DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
+FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+
+# timm's constants, written out so that the signature of build_transform does not import timm.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+_CIFAR_FILES = {
+    "CIFAR10": ("cifar-10-batches-py",
+                ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")),
+    "CIFAR100": ("cifar-100-python", ("train", "test", "meta")),
+}
+_FMNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+_FLOWERS_FILES = ("jpg/", "imagelabels.mat", "setid.mat")
+_CARS_FILES = ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat", "cars_train/",
+               "cars_test/")
+CARS_LAYOUT = """ROOT/stanford_cars/
+    devkit/cars_meta.mat
+    devkit/cars_train_annos.mat
+    cars_test_annos_withlabels.mat
+    cars_train/00001.jpg ... (8,144 images, directly in this folder)
+    cars_test/00001.jpg ...  (8,041 images, directly in this folder)"""
+CARS_SOURCE = ("Stanford's download links are dead and torchvision cannot fetch the dataset. Get the images and "
+               "devkit from a Kaggle mirror (search Kaggle for \"stanford-cars-dataset\") and the labelled test "
+               "annotations from the Kaggle dataset \"cars_test_annos_withlabels.mat\" (the devkit's "
+               "cars_test_annos.mat has no labels), then arrange them as above")
+
+_LAYOUTS = {
+    "IMNET": "ROOT/train/<class>/<images> and ROOT/val/<class>/<images> (DeiT's ImageFolder layout; ImageNet's "
+             "val/ must be sorted into its 1000 class folders)",
+    "FOLDER": "ROOT/train/<class>/<images> and ROOT/val/<class>/<images>, the same class folders in both",
+    "CIFAR10": "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (torchvision's layout)",
+    "CIFAR100": "ROOT/cifar-100-python/{train, test, meta} (torchvision's layout)",
+    "FMNIST": "the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+              "t10k-labels-idx1-ubyte (each may be .gz) either directly in ROOT (Debian's dataset-fashion-mnist "
+              f"layout, the default ROOT {FMNIST_DEBIAN_ROOT}) or in ROOT/FashionMNIST/raw/ (torchvision's layout)",
+    "FLOWERS": "ROOT/flowers-102/{jpg/image_00001.jpg..., imagelabels.mat, setid.mat} (torchvision's layout)",
+    "CARS": CARS_LAYOUT,
+}
+_DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or laid out wrongly: the message names the root, the expected layout and the fix."""
+
+
+def _fail(name: str, root, problem: str, fix: str) -> DatasetError:
+    return DatasetError(f"{name} dataset at {root}: {problem}.\nExpected layout: {_LAYOUTS[name]}\nFix: {fix}.")
+
+
+def _missing(base: Path, entries: Sequence[str]) -> List[str]:
+    """The entries (a trailing '/' marks a folder) that are not under base."""
+    return [e for e in entries if not ((base / e).is_dir() if e.endswith("/") else (base / e).is_file())]
+
+
+def _fetch_fix(name: str, root, subfolder: Optional[str] = None) -> str:
+    """The fix to suggest for files that are missing: download them, or point at the right folder."""
+    fix = (f"pass --download to fetch {name} into {root}" if name in _DOWNLOADABLE
+           else "put the files in place")
+    if subfolder and Path(root).name == subfolder:
+        fix += f", or pass the parent folder {Path(root).parent} (ROOT is the folder that holds {subfolder}/)"
+    return fix
+
+
+def _class_folders(split_dir: Path) -> List[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _fmnist_files(root: Path, train: bool) -> Optional[Tuple[Path, Path]]:
+    """(images, labels) of one split in the first layout that holds all four files, or None."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        found = {}
+        for split in (True, False):
+            for stem in _FMNIST_FILES[split]:
+                path = next((folder / f for f in (stem, stem + ".gz") if (folder / f).is_file()), None)
+                if path is None:
+                    break
+                found[stem] = path
+        if len(found) == 4:
+            images, labels = _FMNIST_FILES[train]
+            return found[images], found[labels]
+    return None
+
+
+def check_dataset(name: str, root: Optional[str], *, download: bool = False) -> None:
+    """Cheap up-front check that a dataset's files and folders are where build_dataset will look; raises DatasetError.
+
+    It lists folders and tests that files exist, without reading them, so it can run before a model is built or any
+    output is written. With ``download=True`` a dataset torchvision can fetch is not required to be present yet.
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "FMNIST":
+        _check_fmnist(root, download)
+        return
+    if not root:
+        raise DatasetError(f"{name} needs a dataset root: pass --data-path ROOT, where {_LAYOUTS[name]}")
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise _fail(name, root, "the root is a file, not a folder", "pass the dataset folder as --data-path")
+    if name in ("IMNET", "FOLDER"):
+        _check_image_folder(name, root, path)
+    elif download and name in _DOWNLOADABLE:
+        return
+    elif name in _CIFAR_FILES:
+        subfolder, files = _CIFAR_FILES[name]
+        missing = _missing(path / subfolder, files)
+        if missing:
+            raise _fail(name, root, f"missing {', '.join(subfolder + '/' + m for m in missing)}",
+                        _fetch_fix(name, root, subfolder))
+    elif name == "FLOWERS":
+        missing = _missing(path / "flowers-102", _FLOWERS_FILES)
+        if missing:
+            raise _fail(name, root, f"missing {', '.join('flowers-102/' + m for m in missing)}",
+                        _fetch_fix(name, root, "flowers-102"))
+    elif name == "CARS":
+        missing = _missing(path / "stanford_cars", _CARS_FILES)
+        if missing:
+            fix = CARS_SOURCE + (f"; or pass the parent folder {path.parent} as --data-path"
+                                 if path.name == "stanford_cars" else "")
+            raise _fail(name, root, f"missing {', '.join('stanford_cars/' + m for m in missing)}", fix)
+
+
+def _check_image_folder(name: str, root: str, path: Path) -> None:
+    classes = {}
+    for split in ("train", "val"):
+        split_dir = path / split
+        if not split_dir.is_dir():
+            raise _fail(name, root, f"no {split}/ folder", "point --data-path at the folder holding train/ and val/")
+        classes[split] = _class_folders(split_dir)
+        if not classes[split]:
+            raise _fail(name, root, f"{split}/ holds no class folders (images must sit in {split}/<class>/)",
+                        "sort the images into one folder per class (ImageNet's flat val/ is sorted by the usual "
+                        "valprep.sh script)")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))[:5]
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))[:5]
+        raise _fail(name, root, f"train/ and val/ have different class folders ({len(classes['train'])} vs "
+                    f"{len(classes['val'])}; only in train/: {only_train}, only in val/: {only_val})",
+                    "give val/ exactly the class folders of train/, or labels would not match")
+
+
+def _check_fmnist(root: Optional[str], download: bool) -> None:
+    path = Path(root or FMNIST_DEBIAN_ROOT).expanduser()
+    if _fmnist_files(path, True) is not None:
+        return
+    if root is None:
+        raise _fail("FMNIST", FMNIST_DEBIAN_ROOT, "the Debian package's files are not there",
+                    "install them (apt-get install dataset-fashion-mnist), or pass --data-path DIR --download to "
+                    "fetch them into a folder of yours")
+    if not download:
+        raise _fail("FMNIST", root, "the four IDX files are not all there", _fetch_fix("FMNIST", root))
+
+
+class _ConvertMode:
+    """PIL image -> the mode the model's input channels need (picklable, for DataLoader workers)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file (unsigned bytes, gzipped or not) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise DatasetError(f"{path} is not an IDX file of unsigned bytes with {ndim} dimension(s) (bad header): "
+                           "the file is damaged or not Fashion-MNIST; fetch it again")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(shape):
+        raise DatasetError(f"{path} holds {body.size} bytes of data where its header promises {shape}: the file is "
+                           "truncated or damaged; fetch it again")
+    return body.reshape(shape)
+
+
+class FashionMNISTIDX(Dataset):
+    """Fashion-MNIST read from its IDX files (gzipped or not, in any folder, read-only is fine) as PIL 'L' images."""
+
+    classes = _FMNIST_CLASSES
+
+    def __init__(self, images: Path, labels: Path, transform: Optional[Callable] = None):
+        self.data = _read_idx(Path(images), 3)
+        self.targets = _read_idx(Path(labels), 1).astype(np.int64)
+        if len(self.data) != len(self.targets):
+            raise DatasetError(f"{images} holds {len(self.data)} images but {labels} holds {len(self.targets)} "
+                               "labels: the files do not belong together; fetch them again")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.data[index], mode="L")
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+def build_dataset(name: str, root: Optional[str], train: bool, transform: Optional[Callable] = None, *,
+                  download: bool = False, in_chans: int = 3) -> Tuple[Dataset, int]:
+    """Build the train (``train=True``) or evaluation split of a dataset; returns ``(dataset, num_classes)``.
+
+    Images reach ``transform`` as PIL images in mode 'RGB' for ``in_chans=3`` (grayscale data is replicated) and 'L'
+    for ``in_chans=1`` (colour data is converted). The evaluation split is ImageFolder's val/, the test set of CIFAR,
+    Fashion-MNIST and Cars, and the test split of Flowers-102, whose training set is its official train + val splits
+    (2,040 images) as is standard for transfer learning. Nothing is downloaded unless ``download=True``.
+    """
+    if in_chans not in (1, 3):
+        raise DatasetError(f"in_chans={in_chans}: image datasets give 1 (grayscale) or 3 (RGB) channels; pass "
+                           "--in-chans 1 or 3")
+    check_dataset(name, root, download=download)
+    from torchvision import datasets, transforms
+
+    convert = _ConvertMode("L" if in_chans == 1 else "RGB")
+    transform = transforms.Compose([convert, transform]) if transform is not None else convert
+    path = Path(root).expanduser() if root else None
+    try:
+        if name in ("IMNET", "FOLDER"):
+            dataset = datasets.ImageFolder(str(path / ("train" if train else "val")), transform=transform)
+            return dataset, len(dataset.classes)
+        if name == "FMNIST":
+            path = path or Path(FMNIST_DEBIAN_ROOT)
+            if _fmnist_files(path, train) is None:  # only reached with download=True (check_dataset)
+                datasets.FashionMNIST(str(path), train=train, download=True)
+            dataset = FashionMNISTIDX(*_fmnist_files(path, train), transform=transform)
+            return dataset, len(dataset.classes)
+        if name in _CIFAR_FILES:
+            cls = datasets.CIFAR10 if name == "CIFAR10" else datasets.CIFAR100
+            dataset = cls(str(path), train=train, transform=transform, download=download)
+            return dataset, len(dataset.classes)
+        if name == "FLOWERS":
+            splits = ("train", "val") if train else ("test",)
+            parts = [datasets.Flowers102(str(path), split=s, transform=transform, download=download) for s in splits]
+            return torch.utils.data.ConcatDataset(parts), len(parts[0].classes)
+        dataset = datasets.StanfordCars(str(path), split="train" if train else "test", transform=transform)
+        return dataset, len(dataset.classes)
+    except DatasetError:
+        raise
+    except (RuntimeError, OSError) as e:
+        # The layout check passed, so torchvision refused the files' contents (checksum) or a download failed.
+        fix = ("delete the damaged files and fetch them again" + (" with --download" if name in _DOWNLOADABLE else ""))
+        raise _fail(name, root, f"torchvision could not read it ({type(e).__name__}: {e})", fix) from e
+
+
+def build_transform(train: bool, input_size: int, *, three_augment: bool = False, simple_random_crop: bool = False,
+                    color_jitter: Optional[float] = 0.3, auto_augment: Optional[str] = None, reprob: float = 0.0,
+                    remode: str = "pixel", recount: int = 1, eval_crop_ratio: float = 0.875,
+                    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                    interpolation: str = "bicubic") -> Callable:
+    """DeiT III's image transform, built by timm's ``create_transform``.
+
+    Train: RandomResizedCrop(scale (0.08, 1)) + horizontal flip, or with ``simple_random_crop`` DeiT's ``--src``
+    (Resize + RandomCrop(pad 4, reflect) + flip); then ``three_augment`` (timm's '3a': one of grayscale,
+    solarize(128), Gaussian blur radius U(0.1, 2), then ColorJitter) or the RandAugment string ``auto_augment``
+    (timm drops colour jitter under RandAugment); normalise; random erasing with probability ``reprob``.
+    Eval: Resize(int(input_size / eval_crop_ratio)) + CenterCrop(input_size) + normalise. ``mean``/``std`` have one
+    value per input channel (length 1 for ``in_chans=1``).
+    """
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    mean, std = tuple(mean), tuple(std)
+    if not train:
+        return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio, interpolation=interpolation,
+                                mean=mean, std=std)
+    if three_augment and auto_augment:
+        raise ValueError(f"three_augment replaces auto_augment={auto_augment!r}: pass one of them, not both")
+    primary, secondary, final = create_transform(
+        input_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=color_jitter,
+        auto_augment="3a" if three_augment else auto_augment, interpolation=interpolation, mean=mean, std=std,
+        re_prob=reprob, re_mode=remode, re_count=recount, separate=True)
+    if simple_random_crop:
+        from timm.data.transforms import str_to_interp_mode
+
+        primary = transforms.Compose([
+            transforms.Resize(input_size, interpolation=str_to_interp_mode(interpolation)),
+            transforms.RandomCrop(input_size, padding=4, padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+        ])
+    return transforms.Compose(primary.transforms + secondary.transforms + final.transforms)
+
+
+class RASampler(Sampler):
+    """DeiT's repeated-augmentation sampler: every index ``num_repeats`` times in a row, dealt round-robin to ranks.
+
+    Consecutive copies of an image land on different ranks, so each rank sees its own augmentation of it. Each rank
+    yields ``floor(N // 256 * 256 / num_replicas)`` indices per epoch, as DeiT does; when that is 0 (fewer than 256
+    images, or more ranks than 256-blocks) it yields ``ceil(N / num_replicas)`` instead so that tiny data still
+    trains. The order depends on ``seed + epoch`` only: call ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, num_repeats: int = 3,
+                 seed: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        if num_repeats < 1:
+            raise ValueError(f"num_repeats={num_repeats} must be at least 1")
+        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+        self.shuffle, self.num_repeats, self.seed, self.epoch = shuffle, num_repeats, seed, 0
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("RASampler got an empty dataset")
+        # Enough repeated indices for every rank to take the same number (the list is padded by wrapping around).
+        self.num_samples = math.ceil(n * num_repeats / num_replicas)
+        self.num_selected_samples = n // 256 * 256 // num_replicas or math.ceil(n / num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        indices = order.repeat_interleave(self.num_repeats)
+        total = self.num_samples * self.num_replicas
+        indices = indices[torch.arange(total) % len(indices)]
+        return iter(indices[self.rank::self.num_replicas][:self.num_selected_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_selected_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the shuffle of this epoch (the order is a function of seed + epoch)."""
+        self.epoch = epoch
