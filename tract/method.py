@@ -1,0 +1,394 @@
+"""TrAct (Petersen et al., NeurIPS 2024): train the first layer in the space of its pre-activations.
+
+Only the first layer's weight gradient changes, to grad_W = grad_z^T X (X^T X / b + lam I)^-1, where X is the
+(b, n) matrix of the layer's input rows (unfolded patches for a convolution). Forward values, the input gradient
+and the bias gradient are the ordinary ones, so TrAct can be switched on and off at any point of training.
+
+Cost: the ordinary weight gradient comes from the framework's own kernel, then it is right-multiplied by G^-1 through
+a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in backward from the
+input the layer saves anyway, so no activation memory is added and nothing runs in no-grad forward passes.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TrAct", "apply_tract", "remove_tract", "find_first_layer"]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d (or subclasses that keep their forward)"
+# Unfolded patches are materialised in backward in chunks of at most this many elements (64 MiB in float32),
+# so a large stem (e.g. 7x7/2 on 224 px, batch 256) never needs the whole (b, n) matrix at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class _Geometry(NamedTuple):
+    """What backward needs to know about a convolution (all spatial tuples have one entry per dimension)."""
+
+    kernel: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: object  # exactly what the layer passes to F.convNd: a tuple, 'same' or 'valid'
+    pads: Tuple[Tuple[int, int], ...]  # (left, right) zero padding per spatial dimension, resolved
+    dilation: Tuple[int, ...]
+    groups: int
+
+
+def _check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"TrAct's lam must be a finite number > 0 (the paper uses 0.1), got {lam!r}")
+    return float(lam)
+
+
+def _supported_base(layer: nn.Module) -> Optional[type]:
+    """The torch layer class whose computation ``layer`` performs, or None if TrAct cannot wrap it."""
+    for base in _BASES:
+        if isinstance(layer, base):
+            kept = type(layer).forward is base.forward
+            if base is not nn.Linear:
+                kept = kept and type(layer)._conv_forward is base._conv_forward
+            return base if kept else None
+    return None
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _rows_per_item(x: Tensor, geo: Optional[_Geometry]) -> int:
+    """Rows of X contributed by one item of x's first dimension."""
+    if geo is None:
+        return 1
+    out = 1
+    for size, (lo, hi), k, s, d in zip(x.shape[2:], geo.pads, geo.kernel, geo.stride, geo.dilation):
+        out *= (size + lo + hi - d * (k - 1) - 1) // s + 1
+    return out
+
+
+def _rows(x: Tensor, geo: Optional[_Geometry], start: int, stop: int, dtype: torch.dtype) -> Tensor:
+    """X for items [start, stop) of x as a contiguous (groups, rows, n) tensor in ``dtype``, one copy."""
+    if geo is None:
+        return x[start:stop].to(dtype).unsqueeze(0)
+    x = x[start:stop]
+    if any(lo or hi for lo, hi in geo.pads):
+        x = F.pad(x, [p for pair in reversed(geo.pads) for p in pair])
+    dims = len(geo.kernel)
+    # Windows as strided views: with kernel == stride (a ViT patch embedding) this is a pure reshape, no im2col.
+    for i, (k, s, d) in enumerate(zip(geo.kernel, geo.stride, geo.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+        if d > 1:
+            x = x[..., ::d]
+    batch, channels, g = x.shape[0], x.shape[1], geo.groups
+    x = x.reshape(batch, g, channels // g, *x.shape[2:])  # (B, g, C/g, *out, *k), still a view
+    spatial = tuple(range(3, 3 + dims))
+    x = x.permute(1, 0, *spatial, 2, *(s + dims for s in spatial))  # (g, B, *out, C/g, *k)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out.copy_(x)
+    return out.view(g, -1, channels // g * math.prod(geo.kernel))
+
+
+def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Optional[Tensor]:
+    """rhs @ spd^-1 for batched SPD ``spd``; None when the Cholesky factorisation fails (not positive definite)."""
+    if robust:
+        return torch.linalg.solve(spd, rhs.mT).mT
+    chol, info = torch.linalg.cholesky_ex(spd)
+    # The check reads a device value; a compiled graph skips it to stay whole (no graph break, no host sync there).
+    if not torch.compiler.is_compiling() and bool(info.any()):
+        return None
+    return torch.cholesky_solve(rhs.mT, chol).mT
+
+
+def _gram_tract(grad_w: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, sync: bool, dtype: torch.dtype,
+                robust: bool) -> Optional[Tensor]:
+    """grad_w (X^T X / b + lam I)^-1 per group, in ``dtype``; None if the Cholesky factorisation failed."""
+    groups = geo.groups if geo is not None else 1
+    gw = grad_w.reshape(groups, grad_w.shape[0] // groups, -1).to(dtype)  # (g, m/g, n)
+    n = gw.shape[-1]
+    per_item = _rows_per_item(x, geo)
+    gram = gw.new_zeros(groups, n, n)
+    step = max(1, _CHUNK_ELEMENTS // (per_item * n * groups))
+    for start in range(0, x.shape[0], step):
+        rows = _rows(x, geo, start, min(start + step, x.shape[0]), dtype)
+        gram.baddbmm_(rows.mT, rows)
+    b = x.shape[0] * per_item
+    if sync:
+        # One all-reduce of the summed Grams and row counts: the Gram of all processes' rows together
+        # (the mean of the per-process Grams when every process has the same b).
+        packed = torch.cat([gram.flatten(), gram.new_tensor([b])])
+        dist.all_reduce(packed)
+        gram, b = packed[:-1].view_as(gram), packed[-1]
+    gram = gram / b
+    gram.diagonal(dim1=-2, dim2=-1).add_(lam)
+    out = _spd_solve_right(gw, gram, robust)
+    return None if out is None else out.reshape(grad_w.shape)
+
+
+def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size,
+                    dtype: torch.dtype, robust: bool) -> Optional[Tensor]:
+    """The TrAct weight gradient through a (b, b) system, for b < n; None if the Cholesky factorisation failed.
+
+    grad_z^T X (X^T X / b + lam I)^-1 = b grad_z^T (X X^T + b lam I)^-1 X (push-through identity), which unlike the
+    textbook Woodbury form subtracts nothing, so it keeps float32 accuracy when X X^T dominates b lam.
+    """
+    groups = geo.groups if geo is not None else 1
+    rows = _rows(x, geo, 0, x.shape[0], dtype)  # (g, b, n)
+    b = rows.shape[1]
+    gz = grad_z.movedim(1, -1) if geo is not None else grad_z
+    gz = gz.reshape(b, groups, -1).transpose(0, 1).to(dtype)  # (g, b, m/g)
+    kernel = rows @ rows.mT
+    kernel.diagonal(dim1=-2, dim2=-1).add_(b * lam)
+    solved = _spd_solve_right(rows.mT, kernel, robust)  # X^T K^-1, (g, n, b)
+    return None if solved is None else (b * (solved @ gz).mT).reshape(shape)
+
+
+def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
+                   ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Ordinary input/weight/bias gradients of a convolution in one framework call."""
+    extra = [hi - lo for lo, hi in geo.pads]  # 'same' with an even kernel pads one more on the right
+    if any(extra):
+        x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
+    dims = len(geo.kernel)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad_z, x, w, [w.shape[0]] if mask[2] else None, list(geo.stride), [lo for lo, _ in geo.pads],
+        list(geo.dilation), False, [0] * dims, geo.groups, list(mask))
+    if gx is not None and any(extra):
+        gx = gx[(Ellipsis, *(slice(0, size - e) for size, e in zip(gx.shape[2:], extra)))]
+    return gx, gw, gb
+
+
+class _TrActFunction(torch.autograd.Function):
+    """The layer's own functional forward; backward with the TrAct weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], geo: Optional[_Geometry], lam: float,
+                sync_gram: bool) -> Tensor:
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.geo, ctx.lam, ctx.sync_gram, ctx.has_bias = geo, lam, sync_gram, bias is not None
+        device_type = x.device.type
+        amp_dtype = _autocast_dtype(device_type)
+        if amp_dtype is not None:
+            # Cast as autocast would and save the cast tensors, which is what the plain layer's autograd saves too.
+            x, weight, bias = (t.to(amp_dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                               else t for t in (x, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            z = F.linear(x, weight, bias) if geo is None else _CONV_FN[len(geo.kernel)](
+                x, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+        ctx.save_for_backward(x, weight)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z: Tensor):
+        x, weight = ctx.saved_tensors
+        geo = ctx.geo
+        if geo is None:
+            x = x.reshape(-1, x.shape[-1])
+        need_w = ctx.needs_input_grad[1]
+        sync = ctx.sync_gram and _world_size() > 1
+        # b < n: solve in the (b, b) row space, straight from grad_z, so the ordinary weight gradient is not needed.
+        woodbury = need_w and not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
+        mask = (ctx.needs_input_grad[0], need_w and not woodbury, ctx.has_bias and ctx.needs_input_grad[2])
+        with torch.autocast(grad_z.device.type, enabled=False):
+            if geo is None:
+                gz = grad_z.reshape(-1, grad_z.shape[-1])
+                gx = grad_z @ weight if mask[0] else None
+                gw = gz.mT @ x if mask[1] else None
+                gb = gz.sum(0) if mask[2] else None
+            else:
+                gx, gw, gb = _conv_backward(grad_z, x, weight, geo, mask)
+            if need_w:
+                # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                for dtype, robust in ((dtype, False), (torch.float64, True)):  # then LU in float64 if G is not SPD
+                    new = (_woodbury_tract(grad_z, x, geo, ctx.lam, weight.shape, dtype, robust) if woodbury
+                           else _gram_tract(gw, x, geo, ctx.lam, sync, dtype, robust))
+                    if new is not None:
+                        break
+                gw = new
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
+                gb.to(b_dtype) if gb is not None else None, None, None, None)
+
+
+class TrAct(nn.Module):
+    """A Linear/Conv layer whose weight gradient is TrAct's: grad_z^T X (X^T X / b + lam I)^-1.
+
+    ``TrAct(layer, lam)`` returns a module of a subclass of ``type(layer)`` that holds the SAME Parameter objects
+    under the same names (state_dict keys unchanged, optimizers built before wrapping keep working) and every
+    attribute of the layer; ``isinstance(m, TrAct)`` and ``isinstance(m, type(layer))`` are both true.
+
+    Args:
+        layer: nn.Linear (any leading dims) or nn.Conv1d/2d/3d (any stride, padding, dilation, groups, padding_mode).
+        lam: lambda, the only hyperparameter: 0.1 recommended, 0.2 for long runs, 0.05 more aggressive.
+        sync_gram: all-reduce the Gram over torch.distributed processes (the Gram of all processes' rows);
+            by default each process uses its own batch's Gram, as in the paper.
+    """
+
+    _tract_base: type = nn.Module
+
+    def __new__(cls, layer: nn.Module = None, lam: float = 0.1, *, sync_gram: bool = False):
+        if cls is TrAct:
+            if isinstance(layer, TrAct):
+                raise ValueError("layer is already a TrAct layer: call remove_tract(model) before wrapping it again")
+            base = _supported_base(layer)
+            if base is None:
+                raise TypeError(f"TrAct supports {_SUPPORTED_NAMES}, got {type(layer).__name__}")
+            cls = _tract_class(type(layer))
+        return super().__new__(cls)
+
+    def __init__(self, layer: nn.Module, lam: float = 0.1, *, sync_gram: bool = False) -> None:
+        lam = _check_lam(lam)
+        # Share the Parameters/buffers/hooks but not the containers, so this module and ``layer`` stay independent.
+        object.__setattr__(self, "__dict__", _copy_module_dict(layer.__dict__))
+        self.lam = lam
+        self.sync_gram = bool(sync_gram)
+
+    @property
+    def lam(self) -> float:
+        """TrAct's lambda (validated: finite and > 0)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = _check_lam(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same output as the wrapped layer; TrAct weight gradient when one is computed."""
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(x)
+        if isinstance(self, nn.Linear):
+            geo = None
+        else:
+            dims = len(self.kernel_size)
+            pairs = self._reversed_padding_repeated_twice
+            pads = tuple((pairs[2 * i], pairs[2 * i + 1]) for i in reversed(range(dims)))
+            padding = self.padding
+            if self.padding_mode != "zeros":  # the layer's own two-op path: pad, then convolve without padding
+                x = F.pad(x, pairs, mode=self.padding_mode)
+                padding, pads = (0,) * dims, ((0, 0),) * dims
+            geo = _Geometry(tuple(self.kernel_size), tuple(self.stride), padding, pads, tuple(self.dilation),
+                            self.groups)
+        return _TrActFunction.apply(x, self.weight, self.bias, geo, self.lam, self.sync_gram)
+
+    def extra_repr(self) -> str:
+        """The wrapped layer's description plus lam (and sync_gram when set)."""
+        return super().extra_repr() + f", lam={self.lam}" + (", sync_gram=True" if self.sync_gram else "")
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: rebuild it from the (importable) wrapped class when unpickling/deep-copying.
+        return _new_tract, (self._tract_base,), self.__dict__
+
+    def plain(self) -> nn.Module:
+        """A plain ``type(layer)`` module holding the same Parameters (what TrAct wrapped)."""
+        layer = self._tract_base.__new__(self._tract_base)
+        state = _copy_module_dict(self.__dict__)
+        for key in ("_lam", "sync_gram"):
+            state.pop(key)
+        object.__setattr__(layer, "__dict__", state)
+        return layer
+
+
+_CLASSES: dict = {}
+
+
+def _tract_class(base: type) -> type:
+    """The TrAct subclass of ``base`` (one per wrapped class)."""
+    if base not in _CLASSES:
+        name = f"TrAct{base.__name__}"
+        _CLASSES[base] = type(name, (TrAct, base), {"__module__": __name__, "__qualname__": name, "_tract_base": base,
+                                                    "__doc__": f"{base.__name__} trained with TrAct."})
+    return _CLASSES[base]
+
+
+def _new_tract(base: type) -> TrAct:
+    cls = _tract_class(base)
+    return nn.Module.__new__(cls)
+
+
+def _copy_module_dict(state: dict) -> dict:
+    return {k: (type(v)(v) if isinstance(v, (dict, set)) else v) for k, v in state.items()}
+
+
+def _split_name(model: nn.Module, name: str) -> Tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, module) for dotted ``name`` in ``model``."""
+    if not name:
+        raise ValueError("the layer name is empty: pass layer='dotted.name' of a submodule")
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        module = parent.get_submodule(attr)
+    except AttributeError:
+        raise ValueError(f"model has no submodule '{name}': pass layer='dotted.name' of an existing layer") from None
+    return parent, attr, module
+
+
+def find_first_layer(model: nn.Module) -> str:
+    """Dotted name of the model's first layer (ViT patch embedding, timm's first_conv, or an unambiguous first layer)."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Module) and _supported_base(proj) is not None:
+        return "patch_embed.proj"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    if isinstance(first, (list, tuple)) and len(first) == 1:
+        first = first[0]
+    if isinstance(first, str):
+        try:
+            layer = model.get_submodule(first)
+        except AttributeError:
+            layer = None
+        if layer is not None and _supported_base(layer) is not None:
+            return first
+        raise ValueError(f"pretrained_cfg['first_conv'] = '{first}' is not a supported layer "
+                         f"({_SUPPORTED_NAMES}): pass layer='dotted.name'")
+    candidates = [name for name, m in model.named_modules() if _supported_base(m) is not None]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        # Module order is execution order only through nn.Sequential containers.
+        parts = candidates[0].split(".")
+        if all(isinstance(model.get_submodule(".".join(parts[:i])), nn.Sequential) for i in range(len(parts))):
+            return candidates[0]
+    shown = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+    raise ValueError(f"cannot tell the first layer of {type(model).__name__} from its modules "
+                     f"(candidates: {shown or 'none'}): pass layer='dotted.name'")
+
+
+def apply_tract(model: nn.Module, lam: float = 0.1, layer: Optional[str] = None, *, sync_gram: bool = False) -> str:
+    """Wrap the first layer of ``model`` (or ``layer``, a dotted name) with TrAct in place; return the name wrapped.
+
+    Refuses (ValueError) a model that already has a TrAct layer: call ``remove_tract(model)`` first. Apply it
+    before wrapping the model in DDP/Accelerate; the Parameters are unchanged, so it may come before or after
+    building the optimizer and loading a state_dict.
+    """
+    lam = _check_lam(lam)
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, TrAct)]
+    if wrapped:
+        raise ValueError(f"model already has a TrAct layer ('{wrapped[0] or type(model).__name__}'): "
+                         "call remove_tract(model) before applying TrAct again")
+    name = layer if layer is not None else find_first_layer(model)
+    parent, attr, module = _split_name(model, name)
+    setattr(parent, attr, TrAct(module, lam, sync_gram=sync_gram))
+    return name
+
+
+def remove_tract(model: nn.Module) -> nn.Module:
+    """Put the plain layers back in place of every TrAct layer (same Parameters); return the model.
+
+    If ``model`` itself is a TrAct layer, the plain layer is returned.
+    """
+    if isinstance(model, TrAct):
+        return model.plain()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TrAct):
+            parent, attr, _ = _split_name(model, name)
+            setattr(parent, attr, module.plain())
+    return model
