@@ -1,0 +1,74 @@
+"""TrAct under a real 2-process DistributedDataParallel run (gloo, CPU): per-process Gram by default, the Gram of
+all processes' rows with sync_gram=True, each checked against the float64 math computed here."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from tract import apply_tract
+
+LAM = 0.1
+BATCH = {0: 3, 1: 5}  # unequal local batches: the synced Gram must weight every row, not every process, equally
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(BATCH[rank], 3, 8, 8, generator=g), torch.randn(BATCH[rank], 4, 4, 4, generator=g)
+
+
+def _make_model(sync_gram: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2))
+    apply_tract(model, lam=LAM, sync_gram=sync_gram)
+    return model
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, grad_z = _data(rank)
+        for sync in (False, True):
+            model = nn.parallel.DistributedDataParallel(_make_model(sync))
+            model(x).backward(grad_z)
+            torch.save(model.module[0].weight.grad, os.path.join(out_dir, f"grad_sync{int(sync)}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rows_and_grad(rank: int, weight_shape):
+    """(X, ordinary weight grad) of one process in float64, by patch reshape (2x2, stride 2)."""
+    x, grad_z = (t.double() for t in _data(rank))
+    rows = x.reshape(-1, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(-1, 12)
+    gz = grad_z.permute(0, 2, 3, 1).reshape(-1, 4)
+    return rows, (gz.T @ rows)
+
+
+def test_ddp_per_process_gram_and_sync_gram(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    eye = torch.eye(12, dtype=torch.float64)
+    parts = [_rows_and_grad(r, (4, 3, 2, 2)) for r in (0, 1)]
+
+    # Default (the paper): each process preconditions with its own Gram, then DDP averages the gradients.
+    local = [gw @ torch.linalg.inv(rows.T @ rows / rows.shape[0] + LAM * eye) for rows, gw in parts]
+    expected_local = ((local[0] + local[1]) / 2).reshape(4, 3, 2, 2)
+    # sync_gram: one Gram over the rows of both processes.
+    rows_all = torch.cat([rows for rows, _ in parts])
+    gram_all = rows_all.T @ rows_all / rows_all.shape[0] + LAM * eye
+    expected_sync = ((parts[0][1] + parts[1][1]) / 2 @ torch.linalg.inv(gram_all)).reshape(4, 3, 2, 2)
+    assert (expected_sync - expected_local).abs().max() > 1e-3  # the two modes really differ on this data
+
+    for sync, expected in ((0, expected_local), (1, expected_sync)):
+        grads = [torch.load(tmp_path / f"grad_sync{sync}_rank{r}.pt") for r in (0, 1)]
+        assert torch.equal(grads[0], grads[1])  # DDP leaves both processes with the same gradient
+        torch.testing.assert_close(grads[0].double(), expected, rtol=1e-4, atol=1e-5)
