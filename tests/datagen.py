@@ -2,8 +2,8 @@
 
 Each writer returns ``{split: (images, labels)}``: the uint8 pixel arrays it wrote (N, H, W, 3) or (N, H, W) and the
 zero-based labels, so that tests can compare what a loader gives back with what was written. Images of one class
-share a base colour plus noise, so a model can learn from them. JPEG-based formats (Flowers, Cars) are lossy:
-compare their pixels with a tolerance.
+share a base colour plus noise, so a model can learn from them. JPEG-based formats (Flowers, Cars) are written at
+quality 100 but stay lossy: compare their pixels with a tolerance.
 
 torchvision checks the md5 of the real CIFAR and Flowers-102 files; a test reading these writers' CIFAR/Flowers files
 must bypass that one check with ``skip_md5_checks(monkeypatch)`` (in-process only, so end-to-end tests that run
@@ -112,7 +112,7 @@ def _write_jpgs(folder: Path, names, images: np.ndarray) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, images):
-        Image.fromarray(img).save(folder / name, quality=95)
+        Image.fromarray(img).save(folder / name, quality=100, subsampling=0)  # near-lossless: tests compare pixels
 
 
 def write_flowers(root, n_train: int = 4, n_val: int = 3, n_test: int = 5, size: Tuple[int, int] = (40, 48),
