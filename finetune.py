@@ -12,9 +12,9 @@ The weights are adapted to the model: pos_embed and patch embedding resampled fo
 head for a new class count (the class count is the dataset's).
 
 When WEIGHTS comes from a train.py run, that run's ``args.yaml`` supplies the model and TrAct settings, so the
-finetuned model is the pretrained one (and, as in the paper, TrAct pretraining is finetuned with TrAct); ``-c`` and
-the command line still override them. Precedence: train.py's defaults < FINETUNE_DEFAULTS < the pretraining run's
-model and TrAct settings < ``-c`` YAML < command line.
+finetuned model is the pretrained one (and, as in the paper, TrAct pretraining is finetuned with TrAct); with
+``--resume RUN`` they come from the finetune run itself. Precedence: train.py's defaults < FINETUNE_DEFAULTS < those
+run settings < ``-c`` YAML < command line.
 """
 import argparse
 import os
@@ -52,9 +52,9 @@ FINETUNE_DEFAULTS: Dict[str, Any] = {
 INHERITED = ("model", "model_kwargs", "in_chans", "tract", "tract_lambda", "tract_layer")
 
 
-def pretraining_defaults(weights: str) -> Dict[str, Any]:
-    """The INHERITED settings of the train.py run that wrote ``weights`` ({} for weights from elsewhere)."""
-    args_yaml = find_run_args(weights)
+def run_defaults(path: str) -> Dict[str, Any]:
+    """The INHERITED settings of the train.py / finetune.py run at ``path`` ({} for weights from elsewhere)."""
+    args_yaml = find_run_args(path)
     if args_yaml is None:
         return {}
     run_args = yaml.safe_load(args_yaml.read_text()) or {}
@@ -68,8 +68,10 @@ def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
     """train.py's command line with the finetune defaults; a finetune run needs --finetune (or --resume of one)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--finetune", default=None)
+    first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
-    defaults = {**FINETUNE_DEFAULTS, **(pretraining_defaults(known.finetune) if known.finetune else {})}
+    source = known.finetune or known.resume  # the pretraining run, or the finetune run being continued
+    defaults = {**FINETUNE_DEFAULTS, **(run_defaults(source) if source else {})}
     args = parse_args(argv, defaults=defaults, prog="finetune.py")
     if not (args.finetune or args.resume):
         raise ConfigError("finetune.py needs --finetune WEIGHTS (a train.py run folder, an Accelerate checkpoint "

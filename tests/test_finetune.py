@@ -45,9 +45,9 @@ def test_train_output_finetunes_at_48px_on_5_classes_starting_from_the_pretraine
     out = tmp_path / "finetune"
     # No model options: they come from the pretraining run's args.yaml. One update at lr 1e-5 * 8/512 barely moves
     # the weights, so the result must still equal the pretrained weights, adapted.
-    finetune.main(["--finetune", str(pretrained), "--data-set", "FOLDER", "--data-path", str(five_classes),
-                   "--input-size", "48", "--epochs", "1", "--max-updates-per-epoch", "1", "--output-dir", str(out),
-                   "--tract" if tract else "--no-tract", *SMALL_RUN])
+    run = ["--data-set", "FOLDER", "--data-path", str(five_classes), "--input-size", "48", "--max-updates-per-epoch",
+           "1", "--output-dir", str(out), "--tract" if tract else "--no-tract", *SMALL_RUN]
+    finetune.main(["--finetune", str(pretrained), "--epochs", "1", *run])
     printed = capsys.readouterr().out
     assert ("tract: on, layer patch_embed.proj" if tract else "tract: off") in printed
 
@@ -59,9 +59,13 @@ def test_train_output_finetunes_at_48px_on_5_classes_starting_from_the_pretraine
     for key, value in before.items():
         if not key.startswith(("head.", "pos_embed")):
             torch.testing.assert_close(after[key], value, atol=1e-5, rtol=0, msg=key)
-    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0]
     assert yaml.safe_load((out / "args.yaml").read_text())["finetune"] == str(pretrained)
+
+    # Continuing the finetune run needs no model options either: they come from its own args.yaml.
+    finetune.main(["--resume", str(out), "--epochs", "2", *run])
+    assert "resumed from" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
 
 
 def test_eval_with_finetune_weights_reports_the_pretrained_models_accuracy(pretrained, tiny_imagefolder, capsys):
@@ -90,7 +94,8 @@ def test_eval_with_finetune_weights_reports_the_pretrained_models_accuracy(pretr
 
 def test_finetune_without_weights_is_refused_before_anything_runs(tiny_imagefolder, tmp_path):
     with pytest.raises(SystemExit, match="finetune.py needs --finetune WEIGHTS"):
-        finetune.cli(["--data-set", "FOLDER", "--data-path", str(tiny_imagefolder), "--output-dir", str(tmp_path / "o")])
+        finetune.cli(["--data-set", "FOLDER", "--data-path", str(tiny_imagefolder),
+                      "--output-dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
@@ -147,6 +152,7 @@ def test_config_dry_run_resolves_the_recipe_and_adapts_the_pretrained_weights(co
                 "tract": f"on, layer patch_embed.proj, lambda {cfg['tract_lambda']}"}
     for key, value in expected.items():
         assert f"  {key}: {value}\n" in printed, key
-    assert f"weights have head.bias (1000,), head.weight (1000, {width}); model has head.bias ({num_classes},)" in printed
+    assert (f"weights have head.bias (1000,), head.weight (1000, {width}); "
+            f"model has head.bias ({num_classes},)") in printed
     resampled = "resampled pos_embed (bicubic) from (1, 144, 768) to (1, 196, 768)" in printed
     assert resampled == (config == "deit3_vit_b_ft224")  # 192 -> 224 px; the transfer runs stay at 224

@@ -42,7 +42,7 @@ def assert_same_weights(model: nn.Module, expected: dict[str, torch.Tensor], ski
 
 
 def bicubic_grid(tokens: torch.Tensor, old: int, new: int) -> torch.Tensor:
-    """Reference: (1, old*old, D) tokens resized to (1, new*new, D) by plain float64 bicubic, as DeiT finetuning does."""
+    """Reference: (1, old*old, D) tokens resized to (1, new*new, D) by plain float64 bicubic, as DeiT finetunes."""
     grid = tokens.double().reshape(1, old, old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)
@@ -260,7 +260,7 @@ def test_unfinished_run_folder_points_at_its_newest_checkpoint(tmp_path):
         load_state_dict(tmp_path)
 
 
-def test_run_args_are_found_from_the_run_folder_its_weights_file_and_its_checkpoints(tmp_path):
+def test_run_args_are_found_from_the_run_folder_its_weights_and_its_checkpoints(tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "epoch-0002"
     ckpt.mkdir(parents=True)
@@ -268,7 +268,8 @@ def test_run_args_are_found_from_the_run_folder_its_weights_file_and_its_checkpo
     (run / "model.safetensors").write_bytes(b"")
     (ckpt / "model.safetensors").write_bytes(b"")
     (run / "checkpoints" / "last").symlink_to("epoch-0002")
-    for weights in (run, run / "model.safetensors", ckpt, ckpt / "model.safetensors", run / "checkpoints" / "last"):
+    for weights in (run, run / "model.safetensors", run / "checkpoints", ckpt, ckpt / "model.safetensors",
+                    run / "checkpoints" / "last"):
         assert find_run_args(weights) == (run / "args.yaml").resolve(), weights
     (tmp_path / "w.pth").write_bytes(b"")
     assert find_run_args(tmp_path / "w.pth") is None

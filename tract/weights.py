@@ -90,10 +90,10 @@ def load_pretrained(model: nn.Module, path: str | Path, *, log: Log = print) -> 
 
 
 def find_run_args(path: str | Path) -> Path | None:
-    """The args.yaml of the train.py run that wrote these weights (run folder, its file, a checkpoint), or None."""
+    """The args.yaml of the train.py run a path belongs to (run folder, its weights, checkpoints/, a checkpoint)."""
     path = Path(path).resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
     folder = path if path.is_dir() else path.parent
-    candidates = [folder, folder.parent.parent] if folder.parent.name == "checkpoints" else [folder]
+    candidates = [folder] + [parent.parent for parent in (folder, folder.parent) if parent.name == "checkpoints"]
     return next((c / "args.yaml" for c in candidates if (c / "args.yaml").is_file()), None)
 
 
