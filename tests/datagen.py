@@ -85,7 +85,7 @@ def _idx_bytes(array: np.ndarray) -> bytes:
 
 def write_fmnist(root, n_train: int = 20, n_test: int = 10, gz: bool = True, layout: str = "flat",
                  seed: int = 0) -> Dict[str, Split]:
-    """Write Fashion-MNIST's four IDX files, flat in ROOT (Debian's layout) or in ROOT/FashionMNIST/raw (torchvision)."""
+    """Write Fashion-MNIST's IDX files flat in ROOT (Debian's layout) or in ROOT/FashionMNIST/raw (torchvision's)."""
     if layout not in ("flat", "torchvision"):
         raise ValueError("layout is 'flat' or 'torchvision'")
     folder = Path(root) if layout == "flat" else Path(root) / "FashionMNIST" / "raw"
@@ -141,9 +141,10 @@ def write_flowers(root, n_train: int = 4, n_val: int = 3, n_test: int = 5, size:
 
 def write_cars(root, n_train: int = 6, n_test: int = 4, num_classes: int = 196, size: Tuple[int, int] = (36, 52),
                seed: int = 0) -> Dict[str, Split]:
-    """Write Stanford Cars as torchvision reads it: ROOT/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat,
-    cars_test_annos_withlabels.mat, cars_train/*.jpg, cars_test/*.jpg}.
+    """Write Stanford Cars as torchvision reads it, under ROOT/stanford_cars/.
 
+    Files: devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/*.jpg,
+    cars_test/*.jpg (the folders hold the images directly, as torchvision expects).
     Annotations are MATLAB struct arrays with the real fields (bbox_x1, bbox_y1, bbox_x2, bbox_y2, class (1-based),
     fname). Each split needs at least 2 images. ``size`` is (H, W).
     """

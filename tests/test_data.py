@@ -148,6 +148,28 @@ def test_image_folder_splits_and_classes_come_from_the_folders(tiny_imagefolder,
             assert img.mode == mode and img.size == (32, 32)
 
 
+def test_fmnist_download_goes_through_torchvision_into_its_layout(tmp_path, monkeypatch):
+    import torchvision.datasets.mnist
+
+    fetched = []
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
+        # Stands in for the network: what torchvision would leave in ROOT/FashionMNIST/raw after extracting.
+        fetched.append(filename)
+        if len(fetched) == 1:
+            fake_download.written = datagen.write_fmnist(Path(download_root).parents[1], gz=False, layout="torchvision")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fake_download)
+    root = tmp_path / "fresh"
+    dataset, n = build_dataset("FMNIST", str(root), True, download=True, in_chans=1)
+    assert fetched == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                       "t10k-labels-idx1-ubyte.gz"]
+    assert (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert_dataset_matches(dataset, *fake_download.written["train"], mode="L")
+    build_dataset("FMNIST", str(root), False, download=True)  # already there: nothing fetched again
+    assert len(fetched) == 4
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_every_dataset_name_is_checked_and_unknown_names_are_refused(tmp_path):
