@@ -11,7 +11,7 @@ from PIL import Image
 
 import datagen
 from tract.data import (DATASETS, FMNIST_DEBIAN_ROOT, DatasetError, RASampler, build_dataset, build_transform,
-                        check_dataset)
+                        check_dataset, default_mean_std)
 
 
 @pytest.fixture
@@ -364,6 +364,25 @@ def test_eval_transform_with_one_channel_mean_and_std_gives_one_channel():
     got = build_transform(False, 28, eval_crop_ratio=1.0, mean=(0.5,), std=(0.25,))(img)
     assert got.shape == (1, 28, 28)
     torch.testing.assert_close(got, torch.full((1, 28, 28), (128 / 255 - 0.5) / 0.25))
+
+
+def test_default_mean_std_is_imagenets_for_rgb_and_its_luma_for_one_channel():
+    assert default_mean_std(3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    (mean,), (std,) = default_mean_std(1)
+    assert mean == pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)
+    assert std == pytest.approx(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225)
+    with pytest.raises(ValueError, match="in_chans=2"):
+        default_mean_std(2)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_default_mean_std_fits_the_images_build_dataset_gives_for_each_channel_count(tmp_path, in_chans):
+    datagen.write_fmnist(tmp_path, n_train=4, n_test=2)
+    mean, std = default_mean_std(in_chans)
+    for train in (True, False):
+        tf = build_transform(train, 32, three_augment=train, mean=mean, std=std)
+        dataset, _ = build_dataset("FMNIST", str(tmp_path), train, tf, in_chans=in_chans)
+        assert dataset[0][0].shape == (in_chans, 32, 32)
 
 
 def transform_ops(transform):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "build_dataset", "check_dataset", "build_transform",
-           "RASampler", "FashionMNISTIDX"]
+           "default_mean_std", "RASampler", "FashionMNISTIDX"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -281,6 +281,19 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
         # The layout check passed, so torchvision refused the files' contents (checksum) or a download failed.
         fix = ("delete the damaged files and fetch them again" + (" with --download" if name in _DOWNLOADABLE else ""))
         raise _fail(name, root, f"torchvision could not read it ({type(e).__name__}: {e})", fix) from e
+
+
+def default_mean_std(in_chans: int = 3) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """ImageNet's normalisation for ``in_chans`` channels: timm's 3-channel values, or for 1 channel their ITU-R 601
+    luma weighting, the weighting PIL's RGB -> L conversion applies (exact for the mean, an approximation for the std).
+    """
+    if in_chans == 3:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if in_chans == 1:
+        luma = (0.299, 0.587, 0.114)
+        return ((sum(w * m for w, m in zip(luma, IMAGENET_DEFAULT_MEAN)),),
+                (sum(w * s for w, s in zip(luma, IMAGENET_DEFAULT_STD)),))
+    raise ValueError(f"in_chans={in_chans}: image data has 1 (grayscale) or 3 (RGB) channels")
 
 
 def build_transform(train: bool, input_size: int, *, three_augment: bool = False, simple_random_crop: bool = False,
