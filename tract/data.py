@@ -51,8 +51,8 @@ CARS_LAYOUT = """ROOT/stanford_cars/
     devkit/cars_meta.mat
     devkit/cars_train_annos.mat
     cars_test_annos_withlabels.mat
-    cars_train/00001.jpg ... (8,144 images, directly in this folder)
-    cars_test/00001.jpg ...  (8,041 images, directly in this folder)"""
+    cars_train/00001.jpg ...  (the training images, directly in this folder)
+    cars_test/00001.jpg ...   (the test images, directly in this folder)"""
 CARS_SOURCE = ("Stanford's download links are dead and torchvision cannot fetch the dataset. Get the images and "
                "devkit from a Kaggle mirror (search Kaggle for \"stanford-cars-dataset\") and the labelled test "
                "annotations from the Kaggle dataset \"cars_test_annos_withlabels.mat\" (the devkit's "
