@@ -244,7 +244,7 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
     Images reach ``transform`` as PIL images in mode 'RGB' for ``in_chans=3`` (grayscale data is replicated) and 'L'
     for ``in_chans=1`` (colour data is converted). The evaluation split is ImageFolder's val/, the test set of CIFAR,
     Fashion-MNIST and Cars, and the test split of Flowers-102, whose training set is its official train + val splits
-    (2,040 images) as is standard for transfer learning. Nothing is downloaded unless ``download=True``.
+    as is standard for transfer learning. Nothing is downloaded unless ``download=True``.
     """
     if in_chans not in (1, 3):
         raise DatasetError(f"in_chans={in_chans}: image datasets give 1 (grayscale) or 3 (RGB) channels; pass "
