@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+__all__ = ["WeightsError", "load_state_dict", "adapt_state_dict", "load_pretrained", "find_run_args"]
+
 # Looked up in this order in a folder: train.py output and Accelerate save_state write the first, Accelerate with
 # safe_serialization=False the second.
 FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
