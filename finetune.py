@@ -60,7 +60,8 @@ def run_defaults(path: str) -> Dict[str, Any]:
     run_args = yaml.safe_load(args_yaml.read_text()) or {}
     inherited = {k: run_args[k] for k in INHERITED if k in run_args}
     if os.environ.get("RANK", "0") == "0":
-        print(f"finetune.py: from {args_yaml}: " + ", ".join(f"{k}={v}" for k, v in inherited.items()))
+        print(f"finetune.py: defaults from {args_yaml} (-c and flags override): "
+              + ", ".join(f"{k}={v}" for k, v in inherited.items()))
     return inherited
 
 
