@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tract.checkpoint import TrainState, export_weights, resolve_resume, save_checkpoint
 from tract.config import ConfigError, parse_args, save_args
-from tract.data import DatasetError, RASampler, build_dataset, build_transform, check_dataset
+from tract.data import DatasetError, RASampler, build_dataset, build_transform, check_dataset, default_mean_std
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate,
                           train_one_epoch)
 from tract.models import build_model, count_parameters, plain_state_dict
@@ -61,10 +61,12 @@ def main(argv=None) -> None:
 
     # ---- data
     data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
+    mean, std = default_mean_std(args.in_chans)
     train_tf = build_transform(True, args.input_size, three_augment=args.three_augment, simple_random_crop=args.src,
                                color_jitter=args.color_jitter, auto_augment=args.aa, reprob=args.reprob,
-                               remode=args.remode, recount=args.recount, interpolation=args.train_interpolation)
-    eval_tf = build_transform(False, args.input_size, eval_crop_ratio=args.eval_crop_ratio,
+                               remode=args.remode, recount=args.recount, mean=mean, std=std,
+                               interpolation=args.train_interpolation)
+    eval_tf = build_transform(False, args.input_size, eval_crop_ratio=args.eval_crop_ratio, mean=mean, std=std,
                               interpolation=args.train_interpolation)
     with accelerator.main_process_first():  # only one process downloads
         check_dataset(data_set, args.data_path, download=args.download)
@@ -84,8 +86,9 @@ def main(argv=None) -> None:
     pin = args.pin_mem and torch.cuda.is_available()
     # The train loader is built per process (the sampler already shards), so it is NOT given to accelerator.prepare,
     # which would shard it a second time; batches are moved to the device in the loop.
+    loader_rng = torch.Generator()  # seeds the workers; re-seeded every epoch, so they never depend on RNG history
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                              pin_memory=pin, drop_last=True)
+                              pin_memory=pin, drop_last=True, generator=loader_rng)
     val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, num_workers=workers,
                             pin_memory=pin, drop_last=False)
     updates_per_epoch = min(len(train_loader) // args.accum_steps, args.max_updates_per_epoch or len(train_loader))
@@ -149,6 +152,7 @@ def main(argv=None) -> None:
     try:
         for epoch in range(state.epoch, args.epochs):
             sampler.set_epoch(epoch)
+            loader_rng.manual_seed(args.seed + 1_000_003 * epoch + accelerator.process_index)
             loader = train_loader
             if state.update_in_epoch:  # resumed inside the epoch: skip the batches already seen, without loading them
                 from accelerate import skip_first_batches

@@ -83,7 +83,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="pin host memory of batches (faster host-to-GPU copies)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny_patch16_224",
+    g.add_argument("--model", default="vit_pico_patch7_28",
                    help="timm model name, or DeiT III's deit_small_patch16_LS / deit_base_patch16_LS")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="K=V",
                    help="extra timm.create_model keyword arguments, values as Python literals")
@@ -112,7 +112,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (none on 1-D params)")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm; None = off")
-    g.add_argument("--lr", type=float, default=2e-3,
+    g.add_argument("--lr", type=float, default=4e-3,
                    help="learning rate at a global batch of 512 (scaled by global batch / 512 unless --unscale-lr)")
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
@@ -122,7 +122,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "poly", "constant"),
                    help="timm scheduler")
     g.add_argument("--epochs", type=int, default=3, help="epochs to train")
-    g.add_argument("--warmup-epochs", type=int, default=1, help="epochs of linear warmup from --warmup-lr")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear warmup from --warmup-lr")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
     g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
     g.add_argument("--decay-epochs", type=float, default=30, help="epochs between decays (step schedule)")

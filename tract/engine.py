@@ -89,8 +89,11 @@ def build_mixup(args, num_classes: int) -> Optional[Callable]:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
+    enabled = enabled and sys.stderr.isatty()  # a log file gets the per-epoch lines, not bar redraws
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 

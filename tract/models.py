@@ -6,18 +6,19 @@ every block. With a DeiT III name both are set DeiT III's way unless ``--layer-s
 ``--drop-path-schedule`` say otherwise.
 """
 import argparse
-import copy
 import difflib
 from typing import Callable, Dict, Optional, Tuple
 
 import timm
 import torch
 from timm.layers import DropPath
+from timm.models import build_model_with_cfg, register_model
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from tract.config import ConfigError
 
-__all__ = ["DEIT3_MODELS", "resolve_model_name", "build_model", "set_drop_path", "plain_state_dict", "count_parameters"]
+__all__ = ["vit_pico_patch7_28", "DEIT3_MODELS", "resolve_model_name", "build_model", "set_drop_path", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -28,6 +29,16 @@ DEIT3_MODELS = {
     "deit_huge_patch14_LS": "deit3_huge_patch14_224",
 }
 DEIT3_LAYER_SCALE_INIT = 1e-4  # DeiT III models_v2.py: init_scale=1e-4 (timm's deit3_*: 1e-6)
+
+
+@register_model
+def vit_pico_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The demo ViT for 28-px images (Fashion-MNIST): 4x4 patches of 7 px, width 96, 4 blocks of 3 heads."""
+    kwargs.pop("pretrained_cfg", None)
+    cfg = dict(input_size=(3, 28, 28), first_conv="patch_embed.proj", classifier="head", num_classes=10)
+    model_args = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)
+    return build_model_with_cfg(VisionTransformer, "vit_pico_patch7_28", pretrained, pretrained_cfg=cfg,
+                                **{**model_args, **kwargs})
 
 
 def resolve_model_name(name: str) -> Tuple[str, bool]:
@@ -100,12 +111,7 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's state_dict with the keys of the vanilla timm model (TrAct unwrapped), on the CPU, contiguous."""
-    from tract import TrAct, remove_tract
-
-    if any(isinstance(m, TrAct) for m in model.modules()):
-        model = copy.deepcopy(model)
-        remove_tract(model)
+    """The model's weights on the CPU; TrAct keeps the wrapped layer's Parameters, so the keys are vanilla timm's."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
