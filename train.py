@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tract.checkpoint import TrainState, export_weights, resolve_resume, save_checkpoint
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
                           f"--batch-size {args.batch_size} x --accum-steps {args.accum_steps}: lower them")
 
     # ---- model, optimizer, schedule, loss
-    torch.manual_seed(args.seed)  # the same init on every process, and with or without --tract
+    set_seed(args.seed)  # python, numpy and torch: the same init on every process, and with or without --tract
     model, tract_layer = build_model(args, num_classes, log=say)
     n_parameters = count_parameters(model)
     global_batch = args.batch_size * world * args.accum_steps
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler, *([ema] if ema is not None else []))
-    torch.manual_seed(args.seed + accelerator.process_index)  # different augmentations on every process
+    set_seed(args.seed + accelerator.process_index)  # different augmentations and mixup on every process
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))  # restores RNG states too
         say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")

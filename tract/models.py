@@ -42,14 +42,14 @@ def vit_pico_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 
 def resolve_model_name(name: str) -> Tuple[str, bool]:
-    """Map a DeiT III name to timm's and say whether the model follows DeiT III's conventions."""
+    """Map a DeiT III name to timm's; say whether it was a DeiT III name (DeiT III's conventions apply)."""
     timm_name = DEIT3_MODELS.get(name, name)
     if not timm.is_model(timm_name):
         choices = list(DEIT3_MODELS) + timm.list_models()
         close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ConfigError(f"unknown model '{name}'{hint} (timm.list_models('*vit*') lists timm's models)")
-    return timm_name, timm_name.startswith("deit3_")
+    return timm_name, name in DEIT3_MODELS
 
 
 def set_drop_path(model: nn.Module, rate: float) -> int:
