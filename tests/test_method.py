@@ -74,7 +74,8 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -
     assert error < tol, f"relative error {error:.2e} > {tol:.0e}"
 
 
-def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=False, seed=0):
+def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=False, channels_last_grad=False,
+             seed=0):
     """Plain layer and its TrAct twin (same initial values) on the same input and upstream gradient."""
     torch.manual_seed(seed)
     plain = make_layer().to(dtype)
@@ -85,6 +86,8 @@ def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     z1, z2 = plain(x1), tract_layer(x2)
     grad_z = torch.randn_like(z1)
+    if channels_last_grad:  # the layout a ViT's patch embedding receives (its output is flattened and transposed)
+        grad_z = grad_z.movedim(1, -1).contiguous().movedim(-1, 1)
     z1.backward(grad_z)
     z2.backward(grad_z)
     return plain, tract_layer, x, x1, x2, z1, z2, grad_z
@@ -118,10 +121,11 @@ CASES = {
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
 
+@pytest.mark.parametrize("grad_layout", ["contiguous_grad", "channels_last_grad"])
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_weight_grad_matches_float64_closed_form(case):
+def test_weight_grad_matches_float64_closed_form(case, grad_layout):
     make_layer, shape = CASES[case]
-    plain, tract_layer, x, *_ , grad_z = run_both(make_layer, shape, lam=0.1)
+    plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, channels_last_grad=grad_layout != "contiguous_grad")
     ordinary, expected = reference_grads(plain, x, grad_z, 0.1)
     # The reference's own unfolding is checked against autograd, so a wrong reference cannot pass silently.
     torch.testing.assert_close(plain.weight.grad, ordinary, rtol=1e-10, atol=1e-10)
@@ -147,11 +151,13 @@ def test_linear_non_contiguous_input():
     torch.testing.assert_close(tract_layer.weight.grad, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("grad_layout", ["contiguous_grad", "channels_last_grad"])
 @pytest.mark.parametrize("case", ["conv2d_3x3_cifar_stem", "conv2d_patch_embed", "woodbury_conv_b_lt_n",
                                   "conv2d_groups", "linear_3d_input"])
-def test_float32_weight_grad_close_to_float64_closed_form(case):
+def test_float32_weight_grad_close_to_float64_closed_form(case, grad_layout):
     make_layer, shape = CASES[case]
-    plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, dtype=torch.float32)
+    plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, dtype=torch.float32,
+                                                 channels_last_grad=grad_layout != "contiguous_grad")
     _, expected = reference_grads(plain, x, grad_z, 0.1)
     assert tract_layer.weight.grad.dtype == torch.float32
     assert_rel_close(tract_layer.weight.grad, expected, 1e-5)
@@ -440,6 +446,7 @@ def test_half_precision_parameters(dtype):
     torch.testing.assert_close(layer.weight.grad.double(), expected, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
 def test_torch_compile_matches_eager():
     def make():
         torch.manual_seed(9)

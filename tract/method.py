@@ -75,7 +75,10 @@ def _rows_per_item(x: Tensor, geo: Optional[_Geometry]) -> int:
 
 
 def _rows(x: Tensor, geo: Optional[_Geometry], start: int, stop: int, dtype: torch.dtype) -> Tensor:
-    """X for items [start, stop) of x as a contiguous (groups, rows, n) tensor in ``dtype``, one copy."""
+    """X for items [start, stop) of x as a (groups, rows, n) tensor in ``dtype`` (at most one copy).
+
+    The result may be a transposed view of a (groups, n, rows) buffer: matmul takes either layout for free.
+    """
     if geo is None:
         return x[start:stop].to(dtype).unsqueeze(0)
     x = x[start:stop]
@@ -89,11 +92,22 @@ def _rows(x: Tensor, geo: Optional[_Geometry], start: int, stop: int, dtype: tor
             x = x[..., ::d]
     batch, channels, g = x.shape[0], x.shape[1], geo.groups
     x = x.reshape(batch, g, channels // g, *x.shape[2:])  # (B, g, C/g, *out, *k), still a view
-    spatial = tuple(range(3, 3 + dims))
-    x = x.permute(1, 0, *spatial, 2, *(s + dims for s in spatial))  # (g, B, *out, C/g, *k)
+    spatial, offsets = tuple(range(3, 3 + dims)), tuple(range(3 + dims, 3 + 2 * dims))
+    n = channels // g * math.prod(geo.kernel)
+    # The copy is fast when its innermost dimension reads contiguous input: output positions for a dense (stride-1)
+    # convolution, kernel offsets for a strided one such as a patch embedding.
+    dense = geo.stride[-1] == 1
+    x = x.permute(1, 2, *offsets, 0, *spatial) if dense else x.permute(1, 0, *spatial, 2, *offsets)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     out.copy_(x)
-    return out.view(g, -1, channels // g * math.prod(geo.kernel))
+    return out.view(g, n, -1).mT if dense else out.view(g, -1, n)
+
+
+def _grad_rows(grad_z: Tensor, geo: Optional[_Geometry], start: int, stop: int, dtype: torch.dtype) -> Tensor:
+    """grad_z for items [start, stop) as (groups, rows, m/groups), rows ordered like ``_rows``."""
+    groups = geo.groups if geo is not None else 1
+    gz = grad_z[start:stop].movedim(1, -1) if geo is not None else grad_z[start:stop]
+    return gz.reshape(-1, groups, gz.shape[-1] // groups).transpose(0, 1).to(dtype)
 
 
 def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Optional[Tensor]:
@@ -107,18 +121,25 @@ def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Optional[Tensor]
     return torch.cholesky_solve(rhs.mT, chol).mT
 
 
-def _gram_tract(grad_w: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, sync: bool, dtype: torch.dtype,
-                robust: bool) -> Optional[Tensor]:
-    """grad_w (X^T X / b + lam I)^-1 per group, in ``dtype``; None if the Cholesky factorisation failed."""
+def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
+                shape: torch.Size, sync: bool, dtype: torch.dtype, robust: bool) -> Optional[Tensor]:
+    """grad_w (X^T X / b + lam I)^-1 per group, in ``dtype``; None if the Cholesky factorisation failed.
+
+    Without ``grad_w`` the ordinary weight gradient is accumulated here as grad_z^T X, on the rows built anyway.
+    """
     groups = geo.groups if geo is not None else 1
-    gw = grad_w.reshape(groups, grad_w.shape[0] // groups, -1).to(dtype)  # (g, m/g, n)
-    n = gw.shape[-1]
+    n = shape[1:].numel()
     per_item = _rows_per_item(x, geo)
-    gram = gw.new_zeros(groups, n, n)
+    gram = torch.zeros(groups, n, n, dtype=dtype, device=x.device)
+    gw = torch.zeros(groups, shape[0] // groups, n, dtype=dtype, device=x.device) if grad_w is None else \
+        grad_w.reshape(groups, shape[0] // groups, n).to(dtype)
     step = max(1, _CHUNK_ELEMENTS // (per_item * n * groups))
     for start in range(0, x.shape[0], step):
-        rows = _rows(x, geo, start, min(start + step, x.shape[0]), dtype)
+        stop = min(start + step, x.shape[0])
+        rows = _rows(x, geo, start, stop, dtype)
         gram.baddbmm_(rows.mT, rows)
+        if grad_w is None:
+            gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
     b = x.shape[0] * per_item
     if sync:
         # One all-reduce of the summed Grams and row counts: the Gram of all processes' rows together
@@ -129,7 +150,7 @@ def _gram_tract(grad_w: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
     gram = gram / b
     gram.diagonal(dim1=-2, dim2=-1).add_(lam)
     out = _spd_solve_right(gw, gram, robust)
-    return None if out is None else out.reshape(grad_w.shape)
+    return None if out is None else out.reshape(shape)
 
 
 def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size,
@@ -139,20 +160,19 @@ def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: fl
     grad_z^T X (X^T X / b + lam I)^-1 = b grad_z^T (X X^T + b lam I)^-1 X (push-through identity), which unlike the
     textbook Woodbury form subtracts nothing, so it keeps float32 accuracy when X X^T dominates b lam.
     """
-    groups = geo.groups if geo is not None else 1
     rows = _rows(x, geo, 0, x.shape[0], dtype)  # (g, b, n)
     b = rows.shape[1]
-    gz = grad_z.movedim(1, -1) if geo is not None else grad_z
-    gz = gz.reshape(b, groups, -1).transpose(0, 1).to(dtype)  # (g, b, m/g)
     kernel = rows @ rows.mT
     kernel.diagonal(dim1=-2, dim2=-1).add_(b * lam)
     solved = _spd_solve_right(rows.mT, kernel, robust)  # X^T K^-1, (g, n, b)
-    return None if solved is None else (b * (solved @ gz).mT).reshape(shape)
+    return None if solved is None else (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape)
 
 
 def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Ordinary input/weight/bias gradients of a convolution in one framework call."""
+    """Ordinary input/weight/bias gradients of a convolution in one framework call (None for those not asked)."""
+    if not any(mask):
+        return None, None, None
     extra = [hi - lo for lo, hi in geo.pads]  # 'same' with an even kernel pads one more on the right
     if any(extra):
         x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
@@ -196,21 +216,28 @@ class _TrActFunction(torch.autograd.Function):
         sync = ctx.sync_gram and _world_size() > 1
         # b < n: solve in the (b, b) row space, straight from grad_z, so the ordinary weight gradient is not needed.
         woodbury = need_w and not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
-        mask = (ctx.needs_input_grad[0], need_w and not woodbury, ctx.has_bias and ctx.needs_input_grad[2])
+        need_x, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[2]
         with torch.autocast(grad_z.device.type, enabled=False):
+            gw = None
             if geo is None:
-                gz = grad_z.reshape(-1, grad_z.shape[-1])
-                gx = grad_z @ weight if mask[0] else None
-                gw = gz.mT @ x if mask[1] else None
-                gb = gz.sum(0) if mask[2] else None
+                gx = grad_z @ weight if need_x else None
+                gb = grad_z.reshape(-1, grad_z.shape[-1]).sum(0) if need_b else None
             else:
-                gx, gw, gb = _conv_backward(grad_z, x, weight, geo, mask)
+                # A channels-last grad_z (a ViT's patch embedding: flatten + transpose) has rows that are a view, and a
+                # GEMM on the patches TrAct builds anyway beats the framework's weight-gradient kernel on it.
+                framework_wgrad = need_w and not woodbury and not grad_z.movedim(1, -1).is_contiguous()
+                # The framework's bias gradient rides along with its weight gradient; alone, a sum is far cheaper.
+                fused_bias = need_b and framework_wgrad
+                gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
+                if need_b and not fused_bias:
+                    gb = grad_z.sum([d for d in range(grad_z.dim()) if d != 1])
             if need_w:
+                grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])
                 # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
                 dtype = torch.promote_types(x.dtype, torch.float32)
                 for dtype, robust in ((dtype, False), (torch.float64, True)):  # then LU in float64 if G is not SPD
-                    new = (_woodbury_tract(grad_z, x, geo, ctx.lam, weight.shape, dtype, robust) if woodbury
-                           else _gram_tract(gw, x, geo, ctx.lam, sync, dtype, robust))
+                    new = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, robust) if woodbury
+                           else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, robust))
                     if new is not None:
                         break
                 gw = new
