@@ -112,6 +112,8 @@ CASES = {
     "conv3d_groups_stride": (lambda: nn.Conv3d(4, 6, (2, 3, 3), stride=(1, 2, 2), padding=1, groups=2),
                              (2, 4, 4, 6, 6)),
     "linear_3d_input": (lambda: nn.Linear(6, 5), (4, 3, 6)),
+    "linear_symmetric_gram_odd_n": (lambda: nn.Linear(261, 3), (300, 261)),  # n >= 256: Gram from half blocks
+    "conv2d_symmetric_gram": (lambda: nn.Conv2d(3, 4, (9, 10), stride=(9, 10)), (3, 3, 90, 100)),  # n = 270
     "woodbury_conv_b_lt_n": (lambda: nn.Conv2d(3, 5, 8, stride=8), (1, 3, 16, 16)),  # b = 4, n = 192
     "woodbury_linear_b_lt_n": (lambda: nn.Linear(40, 3), (2, 3, 40)),  # b = 6, n = 40
 }
@@ -153,7 +155,7 @@ def test_linear_non_contiguous_input():
 
 @pytest.mark.parametrize("grad_layout", ["contiguous_grad", "channels_last_grad"])
 @pytest.mark.parametrize("case", ["conv2d_3x3_cifar_stem", "conv2d_patch_embed", "woodbury_conv_b_lt_n",
-                                  "conv2d_groups", "linear_3d_input"])
+                                  "conv2d_groups", "linear_3d_input", "conv2d_symmetric_gram"])
 def test_float32_weight_grad_close_to_float64_closed_form(case, grad_layout):
     make_layer, shape = CASES[case]
     plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, dtype=torch.float32,

@@ -26,6 +26,8 @@ _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d (or subclasses th
 # Unfolded patches are materialised in backward in chunks of at most this many elements (64 MiB in float32),
 # so a large stem (e.g. 7x7/2 on 224 px, batch 256) never needs the whole (b, n) matrix at once.
 _CHUNK_ELEMENTS = 1 << 24
+# From this n on, the Gram is built from three half-size GEMMs (a symmetric rank-k product; torch has no syrk).
+_SYMMETRIC_MIN_N = 256
 
 
 class _Geometry(NamedTuple):
@@ -110,6 +112,20 @@ def _grad_rows(grad_z: Tensor, geo: Optional[_Geometry], start: int, stop: int, 
     return gz.reshape(-1, groups, gz.shape[-1] // groups).transpose(0, 1).to(dtype)
 
 
+def _add_gram(gram: Tensor, rows: Tensor) -> None:
+    """gram += rows^T rows, computing the lower-left block once: 3/4 of the GEMM work when n is large."""
+    n = rows.shape[-1]
+    if n < _SYMMETRIC_MIN_N:
+        gram.baddbmm_(rows.mT, rows)
+        return
+    h = n // 2
+    top, bottom = rows[..., :h], rows[..., h:]
+    gram[..., :h, :h].baddbmm_(top.mT, top)
+    gram[..., :h, h:].baddbmm_(top.mT, bottom)
+    gram[..., h:, h:].baddbmm_(bottom.mT, bottom)
+    gram[..., h:, :h] = gram[..., :h, h:].mT
+
+
 def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Optional[Tensor]:
     """rhs @ spd^-1 for batched SPD ``spd``; None when the Cholesky factorisation fails (not positive definite)."""
     if robust:
@@ -137,7 +153,7 @@ def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Option
     for start in range(0, x.shape[0], step):
         stop = min(start + step, x.shape[0])
         rows = _rows(x, geo, start, stop, dtype)
-        gram.baddbmm_(rows.mT, rows)
+        _add_gram(gram, rows)
         if grad_w is None:
             gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
     b = x.shape[0] * per_item
