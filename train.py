@@ -24,7 +24,7 @@ from tract.config import ConfigError, parse_args, save_args
 from tract.data import DatasetError, RASampler, build_dataset, build_transform, check_dataset, default_mean_std
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate,
                           train_one_epoch)
-from tract.models import build_model, count_parameters, plain_state_dict
+from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_log import RunLog
 from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers
 from tract.weights import WeightsError
@@ -36,12 +36,21 @@ def default_output_dir(args, accelerator) -> Path:
 
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(stamp)
-    return Path("output") / "train" / f"{stamp[0]}-{args.model}-{args.input_size}"
+    return Path("output") / "train" / f"{stamp[0]}-{resolve_model_name(args.model)[0]}-{args.input_size}"
 
 
 def holds_run(folder: Path) -> bool:
     """Whether a folder already holds a train.py run (never written over without --resume)."""
     return (folder / "args.yaml").exists() or (folder / "checkpoints").exists() or (folder / "log.txt").exists()
+
+
+def changed_args(saved: Path, args) -> dict:
+    """{key: (saved value, current value)} for the arguments that differ from a run's args.yaml."""
+    import yaml
+
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = vars(args)
+    return {k: (v, now[k]) for k, v in before.items() if k in now and now[k] != v}
 
 
 def main(argv=None) -> None:
@@ -145,7 +154,10 @@ def main(argv=None) -> None:
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not (output_dir / "args.yaml").exists():
+        if (output_dir / "args.yaml").exists():  # a resumed run keeps its record; say what this invocation changed
+            for key, (then, now) in changed_args(output_dir / "args.yaml", args).items():
+                say(f"note: resuming with {key} = {now!r} (the run started with {then!r})")
+        else:
             save_args(args, output_dir / "args.yaml")
     run_log = RunLog(output_dir, enabled=accelerator.is_main_process)
     checkpoints = output_dir / "checkpoints"

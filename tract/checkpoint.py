@@ -129,5 +129,8 @@ def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state_dict, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
     os.replace(tmp, path)
 

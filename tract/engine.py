@@ -114,7 +114,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
     loss_sum = torch.zeros((), device=device)
     micro_batches, images, preempted, lr = 0, 0, False, optimizer.param_groups[0]["lr"]
     bar = _progress(updates_per_epoch, state.update_in_epoch, f"epoch {state.epoch}",
-                    progress and accelerator.is_local_main_process)
+                    progress and accelerator.is_main_process)
     start = time.perf_counter()
     for samples, targets in loader:
         if state.update_in_epoch >= updates_per_epoch:
@@ -173,7 +173,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, progress: bool 
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, count
-    bar = _progress(len(loader), 0, "eval", progress and accelerator.is_local_main_process)
+    bar = _progress(len(loader), 0, "eval", progress and accelerator.is_main_process)
     for samples, targets in loader:
         with accelerator.autocast():
             output = model(samples.to(device, non_blocking=True)).float()
