@@ -2,7 +2,6 @@
 module's contract: same forward, same Parameters and state_dict keys, apply/remove, errors, AMP, compile."""
 import copy
 import itertools
-import math
 import pickle
 import subprocess
 import sys

@@ -375,7 +375,7 @@ def _split_name(model: nn.Module, name: str) -> Tuple[nn.Module, str, nn.Module]
 
 
 def find_first_layer(model: nn.Module) -> str:
-    """Dotted name of the model's first layer (ViT patch embedding, timm's first_conv, or an unambiguous first layer)."""
+    """Dotted name of the first layer: ViT patch embedding, timm's first_conv, or an unambiguous first layer."""
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     if isinstance(proj, nn.Module) and _supported_base(proj) is not None:
         return "patch_embed.proj"
