@@ -60,6 +60,15 @@ has_checkpoint() {
   compgen -G "$1/checkpoints/epoch-*" >/dev/null
 }
 
+# The time-limit warning reached the batch shell: pass it to every process of the job's steps (scancel without
+# --batch leaves this shell out), once; a second SIGUSR1 would cut the agents' wait for the checkpoint short.
+on_warning() {
+  ((PREEMPTED)) && return
+  PREEMPTED=1
+  echo "launch: SIGUSR1 (time-limit warning): the workers checkpoint and exit, then the job is requeued"
+  scancel --signal=USR1 "$SLURM_JOB_ID"
+}
+
 # slurm_run SCRIPT ARGS...: run SCRIPT (train.py / finetune.py) on every node of this SLURM job with the recipe's
 # global batch, in the run folder named after the job, resuming it when it holds a checkpoint; on the time-limit
 # warning (sbatch --signal=B:USR1@SECONDS) the workers checkpoint and the job is requeued.
@@ -83,7 +92,7 @@ slurm_run() {
     "head $head_node:$port; global batch $GLOBAL_BATCH = $PER_GPU_BATCH x $procs x $ACCUM_STEPS; ${start[*]}"
 
   PREEMPTED=0
-  trap 'PREEMPTED=1; echo "launch: time-limit warning: the workers checkpoint and exit"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+  trap on_warning USR1
   # The machine rank is the node's own $SLURM_NODEID, so it is expanded on each node, not here.
   # shellcheck disable=SC2016
   srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:?}" \

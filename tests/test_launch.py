@@ -158,17 +158,19 @@ else:
     "scancel": _RECORD + "record('scancel')\n",
     # srun: run the command once per node with that node's SLURM_NODEID, as SLURM does; FAKE_PREEMPT plays SLURM's
     # time-limit warning (USR1 to the batch shell) and then exits as accelerate launch does after its workers
-    # checkpointed and exited with 75 (with 1), once the batch shell has passed the signal on (scancel).
+    # checkpointed and exited with 75 (with 1), once the batch shell has passed the signal on (scancel). FAKE_PREEMPT=2
+# sends the warning twice.
     "srun": _RECORD + """
 import signal, subprocess
 argv = sys.argv[1:]
 first = next(i for i, a in enumerate(argv) if not a.startswith("-"))
 record("srun")
 if os.environ.get("FAKE_PREEMPT"):
-    os.kill(os.getppid(), signal.SIGUSR1)
-    deadline = time.time() + 20
-    while not any(n.startswith("scancel") for n in os.listdir(os.environ["FAKE_REC"])) and time.time() < deadline:
-        time.sleep(0.02)
+    for _ in range(int(os.environ["FAKE_PREEMPT"])):
+        os.kill(os.getppid(), signal.SIGUSR1)
+        deadline = time.time() + 20
+        while not any(n.startswith("scancel") for n in os.listdir(os.environ["FAKE_REC"])) and time.time() < deadline:
+            time.sleep(0.02)
     if os.environ.get("FAKE_CHECKPOINT"):
         os.makedirs(os.environ["FAKE_CHECKPOINT"])
     sys.exit(1)
@@ -294,9 +296,10 @@ def test_sbatch_command_line_overrides_config_and_node_gpus(fakes, tmp_path):
         assert train.batch_size == 64 and train.tract is False  # the user's flags come last and win
 
 
-def test_preempted_job_forwards_the_warning_to_the_step_and_requeues_itself(fakes, tmp_path):
+@pytest.mark.parametrize("warnings", [1, 2])
+def test_preempted_job_forwards_the_warning_to_the_step_once_and_requeues_itself(fakes, tmp_path, warnings):
     env, records = fakes
-    out = run_sbatch(env, "pretrain_vit_s_a40.sbatch", 2, [], tmp_path, FAKE_PREEMPT="1",
+    out = run_sbatch(env, "pretrain_vit_s_a40.sbatch", 2, [], tmp_path, FAKE_PREEMPT=str(warnings),
                      FAKE_CHECKPOINT=str(tmp_path / "run" / "checkpoints" / "epoch-0002-update-000017"))
     assert out.returncode == 0, out.stderr
     assert [r["argv"] for r in records("scancel")] == [["--signal=USR1", str(JOB_ID)]]
