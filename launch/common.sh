@@ -11,12 +11,12 @@
 #   An uncaught SIGUSR1 kills the agent itself, and with it (through srun) the step.
 # - A worker's process group holds its DataLoader workers too, and torch's DataLoader workers die of a SIGTERM that
 #   does not come from their parent; the training process then fails with "DataLoader worker ... is killed by signal:
-#   Terminated" before it can checkpoint. SIGUSR1 is harmless to them: forked after train.py installed its handler,
-#   they inherit it.
+#   Terminated" before it can checkpoint. SIGUSR1 is harmless to them when they inherit train.py's handler (forked
+#   workers: Linux's default start method before Python 3.14).
 # So the signal to use is SIGUSR1, and the agent must catch and forward it: PET_SIGNALS_TO_HANDLE (torch.distributed.run
 # --signals-to-handle) adds it, and TORCH_ELASTIC_SHUTDOWN_TIMEOUT gives the workers time to write the checkpoint.
 # An agent too old to know that option ignores SIGUSR1 (node_launch) instead of dying of it; the workers then get the
-# signal straight from SLURM, which signals every process of a job step.
+# signal straight from SLURM, which signals every process of a job step (proctrack/cgroup, the usual setup).
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
