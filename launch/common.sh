@@ -63,10 +63,11 @@ has_checkpoint() {
 # The time-limit warning reached the batch shell: pass it to every process of the job's steps (scancel without
 # --batch leaves this shell out), once; a second SIGUSR1 would cut the agents' wait for the checkpoint short.
 on_warning() {
-  ((PREEMPTED)) && return
-  PREEMPTED=1
-  echo "launch: SIGUSR1 (time-limit warning): the workers checkpoint and exit, then the job is requeued"
-  scancel --signal=USR1 "$SLURM_JOB_ID"
+  if ((!PREEMPTED)); then
+    PREEMPTED=1
+    echo "launch: SIGUSR1 (time-limit warning): the workers checkpoint and exit, then the job is requeued"
+    scancel --signal=USR1 "$SLURM_JOB_ID"
+  fi
 }
 
 # slurm_run SCRIPT ARGS...: run SCRIPT (train.py / finetune.py) on every node of this SLURM job with the recipe's
@@ -102,13 +103,12 @@ slurm_run() {
     --main_process_ip "$head_node" --main_process_port "$port" \
     "$script" --batch-size "$PER_GPU_BATCH" --accum-steps "$ACCUM_STEPS" "${start[@]}" "$@" &
   local srun_pid=$!
-  # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
-  while true; do
-    status=0
-    wait "$srun_pid" || status=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
+  # A trapped signal interrupts `wait` (status 138); wait until srun has ended, then ask bash for srun's own status.
+  while kill -0 "$srun_pid" 2>/dev/null; do
+    wait "$srun_pid" || true
   done
-  trap - USR1
+  status=0
+  wait "$srun_pid" || status=$?
 
   if ((PREEMPTED && status != 0)); then
     has_checkpoint "$RUN_DIR" || launch_die "preempted, but $RUN_DIR holds no checkpoint to resume: not requeued"

@@ -173,7 +173,7 @@ if os.environ.get("FAKE_PREEMPT"):
             time.sleep(0.02)
     if os.environ.get("FAKE_CHECKPOINT"):
         os.makedirs(os.environ["FAKE_CHECKPOINT"])
-    sys.exit(1)
+    sys.exit(int(os.environ.get("FAKE_SRUN_EXIT", 1)))
 status = 0
 for node in range(int(os.environ["SLURM_NNODES"])):
     status = max(status, subprocess.call(argv[first:], env=dict(os.environ, SLURM_NODEID=str(node))))
@@ -304,6 +304,13 @@ def test_preempted_job_forwards_the_warning_to_the_step_once_and_requeues_itself
     assert out.returncode == 0, out.stderr
     assert [r["argv"] for r in records("scancel")] == [["--signal=USR1", str(JOB_ID)]]
     assert [r["argv"] for r in records("scontrol")] == [["requeue", str(JOB_ID)]]
+
+
+def test_job_that_finished_as_the_warning_came_is_not_requeued(fakes, tmp_path):
+    env, records = fakes
+    (tmp_path / "run" / "checkpoints" / "epoch-0400").mkdir(parents=True)
+    out = run_sbatch(env, "pretrain_vit_s_a40.sbatch", 1, [], tmp_path, FAKE_PREEMPT="1", FAKE_SRUN_EXIT="0")
+    assert out.returncode == 0 and records("scontrol") == []
 
 
 def test_preempted_job_without_any_checkpoint_is_not_requeued(fakes, tmp_path):
