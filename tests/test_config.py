@@ -129,3 +129,10 @@ def test_parser_is_an_argparse_parser_with_deit_names():
             "--eval-crop-ratio --model-ema --data-path --data-set --output_dir --resume --eval --seed "
             "--num_workers").split()
     assert set(deit) <= strings
+
+
+def test_simple_random_crop_defaults_on_for_small_images_only_and_can_be_forced():
+    assert parse_args(["--input-size", "28"]).src is True  # DeiT crops images of 32 px or less with padding
+    assert parse_args(["--input-size", "224"]).src is False  # RandomResizedCrop, as DeiT III on ImageNet
+    assert parse_args(["--input-size", "28", "--no-src"]).src is False
+    assert parse_args(["--input-size", "224", "--src"]).src is True

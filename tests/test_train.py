@@ -169,10 +169,12 @@ def test_run_with_and_without_tract_writes_a_complete_run_folder(tiny_imagefolde
     assert not torch.equal(weights["--tract"]["patch_embed.proj.weight"], weights["--no-tract"]["patch_embed.proj.weight"])
 
 
-def test_fashion_mnist_is_the_default_dataset(tmp_path, capsys):
+def test_fashion_mnist_is_the_default_dataset_and_its_config_wraps_the_stem_conv(tmp_path, capsys):
     train.main(["--dry-run", "--num-workers", "0", "--output-dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert "on FMNIST" in out and "train images: 60000" in out and "val images: 10000" in out
+    train.main(["-c", str(ROOT / "configs" / "fmnist_vit.yaml"), "--dry-run", "--num-workers", "0"])
+    assert "tract: on, layer patch_embed.backbone.0.conv, lambda 0.1" in capsys.readouterr().out
 
 
 def cosine_lr(t, total, warmup, base, warmup_lr, min_lr):

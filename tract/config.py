@@ -83,7 +83,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="pin host memory of batches (faster host-to-GPU copies)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_pico_patch7_28",
+    g.add_argument("--model", default="vit_pico_convstem_28",
                    help="timm model name, or DeiT III's deit_small_patch16_LS / deit_base_patch16_LS")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="K=V",
                    help="extra timm.create_model keyword arguments, values as Python literals")
@@ -133,9 +133,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g = p.add_argument_group("augmentation")
     g.add_argument("--ThreeAugment", "--three-augment", dest="three_augment", action=bool_flag, default=False,
                    help="DeiT III's 3-Augment replaces the whole train transform")
-    g.add_argument("--src", action=bool_flag, default=False,
-                   help="simple random crop (resize, pad-4 random crop, flip) instead of RandomResizedCrop")
-    g.add_argument("--color-jitter", type=float, default=0.3, help="color jitter strength")
+    g.add_argument("--src", action=bool_flag, default=None,
+                   help="simple random crop (resize, pad-4 random crop, flip) instead of RandomResizedCrop; "
+                        "None = on at 32 px or less (DeiT's rule for small images), off above")
+    g.add_argument("--color-jitter", type=float, default=0.0, help="color jitter strength (DeiT: 0.3)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; None = off")
     g.add_argument("--train-interpolation", default="bicubic", help="resize interpolation")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
@@ -293,10 +294,11 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.three_augment and args.aa:
         raise ConfigError(f"--ThreeAugment replaces the whole train transform, so --aa {args.aa} would be ignored: "
                           "drop one of them")
+    if args.src is None:
+        # RandomResizedCrop down to 8% of a 28-px image leaves a few pixels; DeiT crops small images with padding.
+        args.src = args.input_size <= 32
     if args.eval and not (args.resume or args.finetune):
         raise ConfigError("--eval needs weights: pass --resume RUN_OR_CHECKPOINT (or --finetune WEIGHTS)")
-    if args.resume and args.finetune:
-        raise ConfigError("--resume continues a run and --finetune starts a new one from weights: pass only one")
 
 
 def save_args(args: argparse.Namespace, path: Path) -> None:
