@@ -166,7 +166,8 @@ def test_run_with_and_without_tract_writes_a_complete_run_folder(tiny_imagefolde
         model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
         weights[flag] = model.state_dict()
     # same init (tested above), so a difference can only come from training, and it is in the first layer
-    assert not torch.equal(weights["--tract"]["patch_embed.proj.weight"], weights["--no-tract"]["patch_embed.proj.weight"])
+    first = "patch_embed.proj.weight"
+    assert not torch.equal(weights["--tract"][first], weights["--no-tract"][first])
 
 
 def test_fashion_mnist_is_the_default_dataset_and_its_config_wraps_the_stem_conv(tmp_path, capsys):

@@ -69,7 +69,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, *, is_best: bool = False, keep: int = 1) -> Path:
-    """Save the full training state (all processes call this) as ``root/<name>``; point ``last`` (and ``best``) at it."""
+    """Save the training state (all processes call this) as ``root/<name>``; point ``last`` (and ``best``) at it."""
     root = Path(root)
     name = checkpoint_name(state)
     final, tmp = root / name, root / f".tmp-{name}"

@@ -276,7 +276,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     if not (args.tract_lambda > 0 and math.isfinite(args.tract_lambda)):
-        raise ConfigError(f"--tract-lambda must be > 0 (the paper uses 0.1, 0.2 for long runs), got {args.tract_lambda}")
+        raise ConfigError(f"--tract-lambda must be > 0 (the paper uses 0.1; 0.2 for long runs), "
+                          f"got {args.tract_lambda}")
     for key in ("drop", "drop_path", "reprob", "mixup_prob", "mixup_switch_prob"):
         if not 0 <= getattr(args, key) <= 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be in [0, 1], got {getattr(args, key)}")
