@@ -26,8 +26,8 @@ import yaml
 
 import train
 from tract.config import ConfigError, parse_args, save_args
-from tract.data import DatasetError
-from tract.weights import WeightsError, find_run_args
+from tract.runtime import run_cli
+from tract.weights import find_run_args
 
 # DeiT III's finetune recipe (README command for ViT-B at 224 px; recipes.md section 4) without what depends on the
 # dataset, the model or the run length: the configs set those (epochs, warmup, drop path, batch).
@@ -95,12 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: user errors end with one message and a non-zero status, not a traceback."""
-    try:
-        main(argv)
-    except (ConfigError, DatasetError, WeightsError) as e:
-        raise SystemExit(f"finetune.py: error: {e}") from None
-    except FloatingPointError as e:
-        raise SystemExit(f"finetune.py: {e}") from None
+    run_cli(main, "finetune.py", argv)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tract.checkpoint import TrainState, export_weights, resolve_resume, save_checkpoint
 from tract.config import ConfigError, parse_args, save_args
-from tract.data import DatasetError, RASampler, build_dataset, build_transform, check_dataset, default_mean_std
+from tract.data import RASampler, build_dataset, build_transform, check_dataset, default_mean_std
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate,
                           train_one_epoch)
 from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_log import RunLog
-from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers
-from tract.weights import WeightsError
+from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers, run_cli
 
 
 def default_output_dir(args, accelerator) -> Path:
@@ -213,12 +212,7 @@ def main(argv=None) -> None:
 
 def cli(argv=None) -> None:
     """Entry point: user errors end with one message and a non-zero status, not a traceback."""
-    try:
-        main(argv)
-    except (ConfigError, DatasetError, WeightsError) as e:
-        raise SystemExit(f"train.py: error: {e}") from None
-    except FloatingPointError as e:
-        raise SystemExit(f"train.py: {e}") from None
+    run_cli(main, "train.py", argv)
 
 
 if __name__ == "__main__":

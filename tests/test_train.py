@@ -285,6 +285,19 @@ def test_user_errors_end_in_one_message_before_anything_is_written(tiny_imagefol
     assert not out.exists()
 
 
+def test_user_error_is_told_once_per_machine_by_its_first_process_the_others_exit_quietly(tiny_imagefolder, tmp_path,
+                                                                                          monkeypatch):
+    argv = tiny_run(tiny_imagefolder, tmp_path / "out") + ["--tract-lambda", "0"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    assert e.value.code == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    assert str(e.value.code).startswith("train.py: error: --tract-lambda must be > 0")
+
+
 def test_command_line_error_exits_non_zero_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-set", "FOLDER", "--data-path", str(tmp_path / "no"),
                              "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)

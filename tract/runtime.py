@@ -1,4 +1,5 @@
-"""Process setup: the Accelerator (precision, process-group timeout), data-loader workers, and preemption signals.
+"""Process setup: the Accelerator (precision, process-group timeout), data-loader workers, preemption signals, and
+how the scripts end on a user error.
 
 Preemption contract (SLURM's ``--signal``, ``scancel --signal``, a cluster's SIGTERM before a kill): on SIGUSR1 or
 SIGTERM a process only raises a flag. The training loop checks it after every optimizer update with one all-reduce,
@@ -10,12 +11,16 @@ import os
 import signal
 from datetime import timedelta
 
+from typing import Callable, Optional, Sequence
+
 import torch
 
 from tract.config import ConfigError
+from tract.data import DatasetError
+from tract.weights import WeightsError
 
 __all__ = ["EXIT_REQUEUE", "requested_precision", "check_precision", "build_accelerator", "default_num_workers",
-           "Preemption"]
+           "Preemption", "run_cli"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 
@@ -88,3 +93,16 @@ class Preemption:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str, argv: Optional[Sequence[str]] = None) -> None:
+    """Run a script's ``main``: a user error or a diverged run ends with one message and exit status 1, no traceback.
+
+    Every process of a launch meets the same bad option, so only the first process of each machine says it (one
+    message on one machine, not one per GPU); a problem of one machine only, such as its missing data, is still told.
+    """
+    try:
+        main(argv)
+    except (ConfigError, DatasetError, WeightsError, FloatingPointError) as e:
+        message = f"{prog}: {'' if isinstance(e, FloatingPointError) else 'error: '}{e}"
+        raise SystemExit(message if os.environ.get("LOCAL_RANK", "0") == "0" else 1) from None
