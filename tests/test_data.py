@@ -444,6 +444,21 @@ def test_randaugment_train_transform_works_on_grayscale_with_one_channel_stats()
         assert tf(img).shape == (1, 32, 32)
 
 
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5", "original"])
+def test_posterize_keeping_zero_bits_gives_a_black_image_on_any_pillow(policy):
+    # RandAugment "inc1" at magnitude 10 (reached by m9 + mstd0.5 noise) keeps 0 bits: Pillow < 13 gave a black image,
+    # Pillow 13 raises ValueError in the data loader, mid-epoch. Forced here with a pinned magnitude.
+    tf = build_transform(True, 32, auto_augment=policy)
+    ops = [op for t in tf.transforms for op in [*getattr(t, "ops", []), *sum(getattr(t, "policy", []), [])]
+           if "Posterize" in op.name]
+    assert ops, f"{policy} has a posterize op"
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, size=(28, 28, 3), dtype=np.uint8))
+    for op in ops:
+        assert op.aug_fn(img, 0).getextrema() == ((0, 0),) * 3
+        kept = np.asarray(op.aug_fn(img, 3))
+        assert np.array_equal(kept, np.asarray(img) & 0b11100000)  # 3 bits kept: the ordinary posterize
+
+
 def test_three_augment_and_auto_augment_together_are_refused():
     with pytest.raises(ValueError, match="three_augment replaces auto_augment"):
         build_transform(True, 224, three_augment=True, auto_augment="rand-m9-mstd0.5-inc1")

@@ -323,6 +323,7 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
         input_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=color_jitter,
         auto_augment="3a" if three_augment else auto_augment, interpolation=interpolation, mean=mean, std=std,
         re_prob=reprob, re_mode=remode, re_count=recount, separate=True)
+    _keep_zero_bit_posterize(secondary.transforms)
     if simple_random_crop:
         from timm.data.transforms import str_to_interp_mode
 
@@ -332,6 +333,27 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
             transforms.RandomHorizontalFlip(),
         ])
     return transforms.Compose(primary.transforms + secondary.transforms + final.transforms)
+
+
+def _posterize(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, with 0 bits kept giving the black image Pillow < 13 gave (Pillow 13 raises ValueError)."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _keep_zero_bit_posterize(augmentations: Sequence[Callable]) -> None:
+    """Point the posterize ops of timm's RandAugment / AutoAugment / AugMix at ``_posterize``.
+
+    RandAugment's increasing posterize keeps 4 - int(0.4 m) bits, 0 at magnitude 10, which DeiT III's
+    rand-m9-mstd0.5-inc1 reaches with its magnitude noise: on Pillow 13 that would end a run in the data loader.
+    """
+    for aug in augmentations:
+        for op in [*getattr(aug, "ops", []), *(op for sub in getattr(aug, "policy", []) for op in sub)]:
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
 
 
 class RASampler(Sampler):
