@@ -298,6 +298,15 @@ def test_user_error_is_told_once_per_machine_by_its_first_process_the_others_exi
     assert str(e.value.code).startswith("train.py: error: --tract-lambda must be > 0")
 
 
+@pytest.mark.parametrize("local_rank, told", [("0", True), ("3", False)])
+def test_bad_flag_is_told_by_the_first_process_of_each_machine_only(local_rank, told, monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--tract-lamda", "0.1"])
+    assert e.value.code == 2
+    assert ("unrecognized arguments: --tract-lamda" in capsys.readouterr().err) == told
+
+
 def test_command_line_error_exits_non_zero_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data-set", "FOLDER", "--data-path", str(tmp_path / "no"),
                              "--output-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)

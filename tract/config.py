@@ -12,6 +12,7 @@ runs are the YAML files in ``configs/``.
 import argparse
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,7 +20,7 @@ import yaml
 
 from tract.data import DATASETS
 
-__all__ = ["ConfigError", "get_args_parser", "parse_args", "validate_args", "load_config", "save_args",
+__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "validate_args", "load_config", "save_args",
            "parse_model_kwargs"]
 
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
@@ -27,6 +28,20 @@ LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section
 
 class ConfigError(ValueError):
     """A bad option value or config file: the message names the problem and the fix."""
+
+
+def first_process_on_machine() -> bool:
+    """Whether this process tells the user about a bad option: the first of each machine's launch, or the only one."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line told once per machine instead of once per process of a launch."""
+
+    def error(self, message: str):
+        if not first_process_on_machine():
+            self.exit(2)
+        super().error(message)
 
 
 def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -65,8 +80,8 @@ class _Refused(argparse.Action):
 
 def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Build the full parser; ``defaults`` (e.g. finetune.py's) replace the parser defaults before any YAML."""
-    p = argparse.ArgumentParser(prog=prog, description="DeiT III training on timm + Accelerate, with TrAct.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description="DeiT III training on timm + Accelerate, with TrAct.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     p.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML of argument values (dest names)")
 

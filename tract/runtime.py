@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from tract.config import ConfigError
+from tract.config import ConfigError, first_process_on_machine
 from tract.data import DatasetError
 from tract.weights import WeightsError
 
@@ -105,4 +105,4 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str, argv: Op
         main(argv)
     except (ConfigError, DatasetError, WeightsError, FloatingPointError) as e:
         message = f"{prog}: {'' if isinstance(e, FloatingPointError) else 'error: '}{e}"
-        raise SystemExit(message if os.environ.get("LOCAL_RANK", "0") == "0" else 1) from None
+        raise SystemExit(message if first_process_on_machine() else 1) from None
