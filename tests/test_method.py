@@ -73,7 +73,24 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -
     assert error < tol, f"relative error {error:.2e} > {tol:.0e}"
 
 
-def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=False, channels_last_grad=False,
+GRAD_LAYOUTS = ["contiguous_grad", "channels_last_grad", "class_token_sliced_grad"]
+
+
+def lay_out(grad_z: torch.Tensor, layout: str) -> torch.Tensor:
+    """grad_z's values in the memory layout a first layer receives from what follows it."""
+    if layout == "contiguous_grad":
+        return grad_z
+    cl = grad_z.movedim(1, -1)  # a ViT's patch embedding: its output is flattened and transposed
+    if layout == "channels_last_grad":
+        return cl.contiguous().movedim(-1, 1)
+    # ... and then often sliced past the class token: items channels-last, but not adjacent to each other
+    channels = cl.shape[-1]
+    buffer = torch.zeros(cl.shape[0], cl[0].numel() + channels, dtype=grad_z.dtype)
+    buffer[:, channels:] = cl.flatten(1)
+    return buffer[:, channels:].view(cl.shape).movedim(-1, 1)
+
+
+def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=False, grad_layout="contiguous_grad",
              seed=0):
     """Plain layer and its TrAct twin (same initial values) on the same input and upstream gradient."""
     torch.manual_seed(seed)
@@ -84,9 +101,7 @@ def run_both(make_layer, x_shape, lam=0.1, dtype=torch.float64, transpose_input=
         x = x.transpose(0, 1)  # non-contiguous
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     z1, z2 = plain(x1), tract_layer(x2)
-    grad_z = torch.randn_like(z1)
-    if channels_last_grad:  # the layout a ViT's patch embedding receives (its output is flattened and transposed)
-        grad_z = grad_z.movedim(1, -1).contiguous().movedim(-1, 1)
+    grad_z = lay_out(torch.randn_like(z1), grad_layout)
     z1.backward(grad_z)
     z2.backward(grad_z)
     return plain, tract_layer, x, x1, x2, z1, z2, grad_z
@@ -122,21 +137,23 @@ CASES = {
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
 
-@pytest.mark.parametrize("grad_layout", ["contiguous_grad", "channels_last_grad"])
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_weight_grad_matches_float64_closed_form(case, grad_layout):
     make_layer, shape = CASES[case]
-    plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, channels_last_grad=grad_layout != "contiguous_grad")
+    plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, grad_layout=grad_layout)
     ordinary, expected = reference_grads(plain, x, grad_z, 0.1)
     # The reference's own unfolding is checked against autograd, so a wrong reference cannot pass silently.
     torch.testing.assert_close(plain.weight.grad, ordinary, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(tract_layer.weight.grad, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_forward_input_grad_and_bias_grad_are_the_plain_layers(case):
+def test_forward_input_grad_and_bias_grad_are_the_plain_layers(case, grad_layout):
     make_layer, shape = CASES[case]
-    plain, tract_layer, _, x1, x2, z1, z2, _ = run_both(make_layer, shape)
+    plain, tract_layer, _, x1, x2, z1, z2, grad_z = run_both(make_layer, shape, grad_layout=grad_layout)
+    assert grad_layout == "contiguous_grad" or grad_z.dim() == 2 or not grad_z.is_contiguous()
     assert torch.equal(z1, z2)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-12, atol=1e-12)
     if plain.bias is not None:
@@ -152,13 +169,13 @@ def test_linear_non_contiguous_input():
     torch.testing.assert_close(tract_layer.weight.grad, expected, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("grad_layout", ["contiguous_grad", "channels_last_grad"])
+@pytest.mark.parametrize("grad_layout", GRAD_LAYOUTS)
 @pytest.mark.parametrize("case", ["conv2d_3x3_cifar_stem", "conv2d_patch_embed", "woodbury_conv_b_lt_n",
                                   "conv2d_groups", "linear_3d_input", "conv2d_symmetric_gram"])
 def test_float32_weight_grad_close_to_float64_closed_form(case, grad_layout):
     make_layer, shape = CASES[case]
     plain, tract_layer, x, *_, grad_z = run_both(make_layer, shape, dtype=torch.float32,
-                                                 channels_last_grad=grad_layout != "contiguous_grad")
+                                                 grad_layout=grad_layout)
     _, expected = reference_grads(plain, x, grad_z, 0.1)
     assert tract_layer.weight.grad.dtype == torch.float32
     assert_rel_close(tract_layer.weight.grad, expected, 1e-5)
