@@ -349,8 +349,9 @@ def run_multinode(env, args, cwd, **extra_env):
 def test_multinode_with_machine_rank_launches_this_machines_share(fakes, rank):
     env, records = fakes
     out = run_multinode(env, ["--config", "launch/accelerate/v100x8_multinode.yaml", "--nnodes", "3", "--machine-rank",
-                              str(rank), "--main-ip", "10.0.0.1", "train.py", "-c", "configs/deit3_vit_b_400ep_192.yaml",
-                              "--batch-size", "128"], REPO, MASTER_PORT="29555")
+                              str(rank), "--main-ip", "10.0.0.1", "train.py",
+                              "-c", "configs/deit3_vit_b_400ep_192.yaml", "--batch-size", "128"], REPO,
+                        MASTER_PORT="29555")
     assert out.returncode == 0, out.stderr
     (record,) = records("accelerate")
     acc, train = accelerate_command(record)

@@ -182,7 +182,7 @@ def test_sigusr1_to_the_launcher_checkpoints_all_workers_and_resume_finishes_the
     log = launcher.communicate(timeout=TIMEOUT)[0]
     assert launcher.returncode != 0, "the run ended before the signal: " + log[-2000:]
     assert "Received 10 death signal" in log or "SIGUSR1" in log, log[-3000:]
-    assert f"exiting with 75 (resume with --resume run)" in log, log[-3000:]
+    assert "exiting with 75 (resume with --resume run)" in log, log[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last"
     assert last.is_symlink() and last.resolve().name != f"epoch-{EPOCHS:04d}"
 

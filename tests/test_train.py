@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train

@@ -20,8 +20,8 @@ import yaml
 
 from tract.data import DATASETS
 
-__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "validate_args", "load_config", "save_args",
-           "parse_model_kwargs"]
+__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "validate_args", "load_config",
+           "save_args", "parse_model_kwargs"]
 
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 

@@ -249,7 +249,7 @@ class _TrActFunction(torch.autograd.Function):
                 gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
                 if need_b and not fused_bias:
                     # Per item, then over items: fast for NCHW, channels-last and sliced (class-token) layouts alike,
-                    # where one reduction over all but dim 1 is 15x slower on the strided ones.
+                    # where one reduction over all but dim 1 is about 15x slower on the strided ones.
                     gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
             if need_w:
                 grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])

@@ -10,7 +10,6 @@ import argparse
 import os
 import signal
 from datetime import timedelta
-
 from typing import Callable, Optional, Sequence
 
 import torch
