@@ -409,7 +409,7 @@ def test_find_first_layer_without_timm_metadata():
     ("vit_tiny_patch16_224", "patch_embed.proj"), ("deit3_small_patch16_224", "patch_embed.proj"),
     ("resnet18", "conv1"), ("convnext_atto", "stem.0"), ("efficientnet_b0", "conv_stem")])
 def test_find_first_layer_on_timm_models(name, expected):
-    timm = pytest.importorskip("timm")
+    import timm
     kwargs = {"depth": 1} if "patch16" in name else {}
     model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
     assert find_first_layer(model) == expected
