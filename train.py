@@ -194,7 +194,7 @@ def main(argv=None) -> None:
                 f"test_acc5 {stats['test_acc5']:.2f}%  ({stats['epoch_time']:.0f} s, "
                 f"{stats['images_per_sec']:.0f} img/s)  best {state.best_acc1:.2f}%")
             if preemption.should_stop(accelerator):  # signalled during eval or saving: the checkpoint is written
-                say(f"preempted after epoch {epoch}: exiting with {EXIT_REQUEUE}")
+                say(f"preempted after epoch {epoch}: exiting with {EXIT_REQUEUE} (resume with --resume {output_dir})")
                 raise SystemExit(EXIT_REQUEUE)
     finally:
         preemption.uninstall()
