@@ -243,6 +243,30 @@ def test_preemption_checkpoints_mid_epoch_exits_75_and_resume_skips_what_was_see
     assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0001"
 
 
+def test_preemption_during_evaluation_keeps_the_epoch_checkpoint_exits_75_and_resume_finishes_the_run(
+        tiny_imagefolder, tmp_path, monkeypatch, capsys):
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    train.main(tiny_run(tiny_imagefolder, reference, "--epochs", "2", "--tract"))
+
+    build = train.build_dataset
+
+    def build_with_signal(name, root, is_train, *args, **kwargs):
+        dataset, classes = build(name, root, is_train, *args, **kwargs)
+        return (dataset if is_train else SignalAt(dataset, 1)), classes  # the first eval image of epoch 0
+
+    monkeypatch.setattr(train, "build_dataset", build_with_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_run(tiny_imagefolder, preempted, "--epochs", "2", "--tract"))
+    assert e.value.code == EXIT_REQUEUE
+    assert f"preempted after epoch 0: exiting with 75 (resume with --resume {preempted})" in capsys.readouterr().out
+    assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0001"
+    assert len(log_lines(preempted)) == 1 and not (preempted / "model.safetensors").exists()
+    monkeypatch.setattr(train, "build_dataset", build)
+    train.main(tiny_run(tiny_imagefolder, preempted, "--epochs", "2", "--tract", "--resume", str(preempted)))
+    a, b = load_file(reference / "model.safetensors"), load_file(preempted / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_eval_of_a_finished_run_reports_its_accuracy_and_writes_nothing(tiny_imagefolder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(tiny_run(tiny_imagefolder, out))
