@@ -51,7 +51,7 @@ def test_readme_shows_commands_for_every_paper_config_and_launch_script():
 
 
 @pytest.mark.parametrize("command", script_commands(), ids=lambda c: c[:90])
-def test_readme_command_parses_with_the_scripts_own_parser(command, monkeypatch, capsys):
+def test_readme_command_parses_with_the_scripts_own_parser(command, monkeypatch):
     import finetune
     from tract.config import parse_args
 
