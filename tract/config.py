@@ -13,6 +13,7 @@ import argparse
 import difflib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -182,6 +183,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="run folder; None = output/train/<time>-<model>-<size>")
     g.add_argument("--resume", default=None, metavar="PATH", help="a run folder (newest checkpoint) or a checkpoint")
+    g.add_argument("--resume-inexact", action=bool_flag, default=False,
+                   help="resume even without the random state that makes the run exact (another number of processes)")
     g.add_argument("--eval", action=bool_flag, default=False, help="only evaluate (--resume or --finetune weights)")
     g.add_argument("--dry-run", action=bool_flag, default=False,
                    help="resolve and print everything, then exit without training or writing")
@@ -244,6 +247,15 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, e.g. {{patch_size: 4}}")
         return value
     convert = action.type or (lambda v: v)
+    single = action.nargs is None or action.nargs == "?"
+    if single and isinstance(value, (list, dict)):
+        raise ConfigError(f"{where} takes one value, got {value!r}")
+    if action.type in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if action.type is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        value = int(value)
     try:
         if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             value = [convert(v) if isinstance(v, str) else v for v in (value if isinstance(value, list) else [value])]
@@ -303,6 +315,23 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.bce_loss and args.smoothing > 0:
         raise ConfigError("--bce-loss binarises targets (> 0), which would make every class positive with label "
                           f"smoothing {args.smoothing}: pass --smoothing 0.0 with --bce-loss (as DeiT III does)")
+    if args.in_chans not in (1, 3):
+        raise ConfigError(f"--in-chans must be 1 (grayscale) or 3 (RGB): images have no other channel counts, got "
+                          f"{args.in_chans}")
+    if args.clip_grad is not None and not (args.clip_grad > 0 and math.isfinite(args.clip_grad)):
+        raise ConfigError(f"--clip-grad must be > 0 (the largest gradient norm kept), got {args.clip_grad}; leave it "
+                          "out to not clip")
+    if not 0 < args.model_ema_decay < 1:
+        raise ConfigError(f"--model-ema-decay must be in (0, 1) (DeiT: 0.99996), got {args.model_ema_decay}")
+    if args.opt_betas is not None:
+        wanted = 3 if args.opt.lower() == "adan" else 2
+        if len(args.opt_betas) != wanted or not all(0 <= b < 1 for b in args.opt_betas):
+            example = "0.98 0.92 0.99" if wanted == 3 else "0.9 0.999"
+            raise ConfigError(f"--opt-betas takes {wanted} values in [0, 1) for --opt {args.opt}, e.g. --opt-betas "
+                              f"{example}; got {' '.join(map(str, args.opt_betas))}")
+    if args.warmup_epochs >= args.epochs and first_process_on_machine():
+        print(f"warning: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the "
+              "learning rate never leaves its warmup", file=sys.stderr)
     if args.max_updates_per_epoch is not None and args.max_updates_per_epoch <= 0:
         raise ConfigError(f"--max-updates-per-epoch must be > 0, got {args.max_updates_per_epoch}")
     if args.num_workers is not None and args.num_workers < 0:
@@ -319,6 +348,6 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def save_args(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
-    skip = {"config", "resume", "eval", "dry_run"}
+    skip = {"config", "resume", "resume_inexact", "eval", "dry_run"}
     values = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "build_dataset", "check_dataset", "build_transform",
+__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset", "build_transform",
            "default_mean_std", "RASampler", "FashionMNISTIDX"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
@@ -75,6 +75,28 @@ _DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
 
 class DatasetError(ValueError):
     """A dataset that is missing or laid out wrongly: the message names the root, the expected layout and the fix."""
+
+    _WORKER = "Caught DatasetError in DataLoader worker"
+
+    def __init__(self, message: str = ""):
+        # Raised in a loader worker, the error comes back as "Caught DatasetError in ... Original Traceback ...":
+        # keep the message alone, so the user sees one line, not a worker's traceback.
+        if message.startswith(self._WORKER) and "DatasetError: " in message:
+            message = message.rsplit("DatasetError: ", 1)[1].strip()
+        super().__init__(message)
+
+
+def read_image(path: str):
+    """Open an image file as PIL (ImageFolder's loader), or raise DatasetError naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.convert("RGB") if image.mode not in ("RGB", "L") else image
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated, empty and foreign files
+        raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or delete the file") from None
 
 
 def _fail(name: str, root, problem: str, fix: str) -> DatasetError:
@@ -257,7 +279,8 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
     path = Path(root).expanduser() if root else None
     try:
         if name in ("IMNET", "FOLDER"):
-            dataset = datasets.ImageFolder(str(path / ("train" if train else "val")), transform=transform)
+            dataset = datasets.ImageFolder(str(path / ("train" if train else "val")), transform=transform,
+                                           loader=read_image)
             return dataset, len(dataset.classes)
         if name == "FMNIST":
             path = path or Path(FMNIST_DEBIAN_ROOT)

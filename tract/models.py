@@ -19,7 +19,7 @@ from torch import nn
 from tract.config import ConfigError
 
 __all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "DEIT3_MODELS", "resolve_model_name", "build_model",
-           "set_drop_path", "plain_state_dict", "count_parameters"]
+           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -118,6 +118,7 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
             raise ConfigError(f"timm.create_model('{name}') refused an argument: {e2}; "
                               "check --model-kwargs / --layer-scale-init for this model") from None
 
+    check_patch_grid(model, args.input_size)
     if schedule == "uniform" and args.drop_path > 0 and set_drop_path(model, args.drop_path) == 0:
         raise ConfigError(f"model '{name}' has no stochastic-depth slots to set uniformly: "
                           "pass --drop-path-schedule linear")
@@ -136,6 +137,20 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ConfigError(f"cannot apply TrAct to '{name}': {e} (name the layer with --tract-layer)") from None
     return model, layer
+
+
+def check_patch_grid(model: nn.Module, input_size: int) -> None:
+    """Refuse an input size that the patch size does not divide: the patch convolution would drop the edge pixels."""
+    from timm.layers import PatchEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, PatchEmbed) or getattr(embed, "dynamic_img_pad", False):
+        return
+    patch = embed.patch_size[0]
+    if input_size % patch:
+        raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {patch}: the last "
+                          f"{input_size % patch} pixel rows and columns would never be seen; pass --input-size "
+                          f"{input_size - input_size % patch} or {input_size - input_size % patch + patch}")
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

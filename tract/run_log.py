@@ -1,21 +1,52 @@
-"""The per-epoch record of a run: DeiT's ``log.txt`` (one JSON line per epoch) and TensorBoard scalars."""
-import json
-from pathlib import Path
-from typing import Dict, Optional
+"""The per-epoch record of a run: DeiT's ``log.txt`` (one JSON line per epoch) and TensorBoard scalars.
 
-__all__ = ["RunLog"]
+A resumed run continues the record from its checkpoint: lines of the epochs the checkpoint does not hold are dropped
+(a torn last line too) and TensorBoard's events from that epoch on are purged, so the record and the checkpoint agree
+whatever point a kill came at.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+__all__ = ["RunLog", "read_log"]
+
+
+def read_log(path: Path) -> List[Dict]:
+    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out)."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
 
 
 class RunLog:
-    """Appends one JSON line per epoch to ``OUTPUT/log.txt`` and mirrors the numbers to TensorBoard in OUTPUT."""
+    """Appends one JSON line per epoch to ``OUTPUT/log.txt`` and mirrors the numbers to TensorBoard in OUTPUT.
 
-    def __init__(self, output_dir: Path, enabled: bool = True):
+    ``resume_epoch``: the epochs done in the checkpoint the run continues from; later records are removed.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool = True, resume_epoch: Optional[int] = None):
         self.path = Path(output_dir) / "log.txt"
         self.writer = None
+        self.records: List[Dict] = []
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir))
+            self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] < resume_epoch]
+            if resume_epoch is not None:
+                tmp = self.path.with_name(".log.txt.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+                os.replace(tmp, self.path)
+            self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=resume_epoch)
+
+    def has(self, epoch: int) -> bool:
+        """Whether the record holds a line for ``epoch``."""
+        return any(r["epoch"] == epoch for r in self.records)
 
     def write(self, stats: Dict[str, float], step: Optional[int] = None) -> None:
         """Log one epoch's stats; TensorBoard tags are ``train/loss``-style, at ``step`` (default: the epoch)."""
@@ -23,6 +54,9 @@ class RunLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(stats) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(stats)
         step = stats["epoch"] if step is None else step
         for key, value in stats.items():
             if key != "epoch" and isinstance(value, (int, float)):
