@@ -290,8 +290,10 @@ def _read_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a foreign global; anything else for a damaged file
+        # torch's own text advises weights_only=False: the wrong advice for a file that was refused for safety.
         raise CheckpointError(f"refusing to load {path}: it is not the plain tensors and numbers train.py writes "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); nothing in it was run") from None
+                              f"({type(e).__name__}); nothing in it was run. Resume from a checkpoint you wrote "
+                              "yourself") from None
 
 
 def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimizer, state: TrainState, ema=None,

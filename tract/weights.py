@@ -131,8 +131,9 @@ def _read_pickle(path: Path) -> object:
                 f"refusing to load {path}: besides tensors it pickles {', '.join(unsafe)}, and unpickling those "
                 f"could run arbitrary code. Re-save the weights alone, e.g. torch.save(model.state_dict(), "
                 f"'weights.pth') or safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
-        raise WeightsError(f"cannot read {path} as PyTorch weights ({type(e).__name__}: {e}); expected a "
-                           f"torch.save file or .safetensors") from None
+        # not torch's text: it advises weights_only=False, the wrong advice for a file refused for safety
+        raise WeightsError(f"cannot read {path} as PyTorch weights ({type(e).__name__}): expected a torch.save file "
+                           f"of tensors or a .safetensors file") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -1,0 +1,463 @@
+"""What a shared cluster does to a run: kills at any point, damaged and malicious checkpoints, two runs in one
+folder, signals during start-up, non-finite weights, bad images, a full disk, and bad input of every kind."""
+import builtins
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (an autouse fixture)
+
+import train
+from tract.checkpoint import CheckpointError, resolve_resume
+from tract.config import ConfigError
+from tract.data import DatasetError
+from tract.run_folder import RunLock
+from tract.runtime import EXIT_REQUEUE
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = ("epoch_time", "images_per_sec")
+
+
+class WritesAFile:
+    """A pickle whose loading would create a file: proof that it ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def record(out: Path):
+    """log.txt without the timing fields, which differ between any two runs."""
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in log_lines(out)]
+
+
+def rewrite_manifest(folder: Path) -> None:
+    """Make the manifest match the folder's files again, as someone handing over a doctored checkpoint would."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                         for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_imagefolder, tmp_path_factory):
+    """A finished 2-epoch run keeping both epoch checkpoints, its command, and its folder (copied per test)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    argv = tiny_run(tiny_imagefolder, out, "--epochs", "2", "--tract", "--checkpoint-hist", "2", "--model-ema",
+                    "--model-ema-decay", "0.9")
+    train.main(argv)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out, argv
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    args = yaml.safe_load((dst / "args.yaml").read_text())
+    args["output_dir"] = str(dst)
+    (dst / "args.yaml").write_text(yaml.safe_dump(args))
+    return dst
+
+
+def resume_argv(argv, out):
+    i = argv.index("--output-dir")
+    return [*argv[:i], "--output-dir", str(out), *argv[i + 2:], "--resume", str(out)]
+
+
+# ---- nothing in a checkpoint runs code ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+                                  "custom_checkpoint_1.pkl", "scaler.pt", "pytorch_model.bin"])
+def test_a_malicious_pickle_in_a_checkpoint_never_runs_whatever_its_name(two_epoch_run, tmp_path, name, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    marker = tmp_path / "ran.txt"
+    newest = out / "checkpoints" / "epoch-0002"
+    torch.save({"state": WritesAFile(marker)}, newest / name)
+    rewrite_manifest(newest)  # a consistent manifest: the loader itself must refuse
+    argv = resume_argv(two_epoch_run[1], out) + ["--epochs", "3"]
+    if name in ("optimizer.bin", "random_states_0.pkl"):  # files a checkpoint is read from: refused, named
+        with pytest.raises(CheckpointError, match=f"refusing to load .*{name}.*nothing in it was run"):
+            train.main(argv)
+    else:  # files train.py never reads: ignored
+        train.main(argv)
+        assert len(log_lines(out)) == 3
+    assert not marker.exists()
+
+
+def test_eval_and_finetune_resume_read_checkpoints_the_same_safe_way(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    marker = tmp_path / "ran.txt"
+    newest = out / "checkpoints" / "epoch-0002"
+    torch.save({"state": WritesAFile(marker)}, newest / "optimizer.bin")
+    rewrite_manifest(newest)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
+    import finetune
+
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        finetune.main([*resume_argv(two_epoch_run[1], out)])
+    assert not marker.exists()
+
+
+# ---- damaged checkpoints: detected, the newest intact one used -------------------------------------------------
+
+FILES = ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "train_state.json", "ema.safetensors",
+         "manifest.json"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "delete"])
+@pytest.mark.parametrize("name", FILES)
+def test_a_damaged_newest_checkpoint_is_skipped_with_its_reason_for_the_previous_intact_one(two_epoch_run, tmp_path,
+                                                                                           name, damage):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    path = out / "checkpoints" / "epoch-0002" / name
+    size = path.stat().st_size
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: size // 2])
+    elif damage == "zero":
+        path.write_bytes(bytes(size))
+    else:
+        path.unlink()
+    notes = []
+    checkpoint, run = resolve_resume(str(out), log=notes.append)
+    assert checkpoint == (out / "checkpoints" / "epoch-0001").resolve() and run == out.resolve()
+    assert len(notes) == 1 and "epoch-0002" in notes[0]
+    with pytest.raises(CheckpointError, match=f"epoch-0002.*{'manifest.json' if name == 'manifest.json' else name}"):
+        resolve_resume(str(out / "checkpoints" / "epoch-0002"))  # named explicitly: one error naming the file
+
+
+def test_resume_after_damage_falls_back_and_finishes_bitwise_the_uninterrupted_run(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    for p in (out / "checkpoints" / "epoch-0002").iterdir():
+        p.unlink()  # an emptied folder
+    (out / "model.safetensors").unlink()
+    train.main(resume_argv(two_epoch_run[1], out))
+    assert "skipped" in capsys.readouterr().out
+    assert same_weights(out / "model.safetensors", two_epoch_run[0] / "model.safetensors")
+    assert record(out) == record(two_epoch_run[0])
+
+
+def test_no_intact_checkpoint_is_one_error_that_names_each_and_a_command_that_restarts(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    for name in ("epoch-0001", "epoch-0002"):
+        (out / "checkpoints" / name / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"epoch-0002.*epoch-0001.*--output-dir .*-restart and without --resume"):
+        resolve_resume(str(out))
+
+
+def test_resume_without_this_process_random_state_is_refused_unless_inexact_is_asked(two_epoch_run, tmp_path,
+                                                                                      capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    newest = out / "checkpoints" / "epoch-0002"
+    (newest / "random_states_0.pkl").rename(newest / "random_states_1.pkl")  # as if written by process 1 of 2
+    rewrite_manifest(newest)
+    argv = resume_argv(two_epoch_run[1], out) + ["--epochs", "3"]
+    with pytest.raises(CheckpointError, match="no random state for process 0.*--resume-inexact"):
+        train.main(argv)
+    train.main(argv + ["--resume-inexact"])
+    assert "no longer exact" in capsys.readouterr().out and len(log_lines(out)) == 3
+
+
+# ---- kills at every point of the epoch's end ----------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train, tract.checkpoint, tract.run_log
+owner, name, n = {owner}, {name!r}, {n}
+original, calls = getattr(owner, name), [0]
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, killing)
+train.cli(sys.argv[1:])
+"""
+# (where, the function entered, its n-th call): inside a save (train state written, manifest not), after the rename
+# before `last`, before pruning, inside the evaluation, before `best`, before the log line, before the weights export.
+KILL_POINTS = [("tract.checkpoint", "_write_json", 1), ("tract.checkpoint", "_write_json", 2),
+               ("tract.checkpoint", "_relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
+               ("train", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
+               ("train", "export_weights", 1)]
+
+
+def run_script(argv, *, script=None, check=True):
+    code = script if script is not None else f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train; train.cli()"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def killed_reference(tiny_imagefolder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("killref") / "run"
+    argv = tiny_run(tiny_imagefolder, out, "--epochs", "2", "--tract", "--model-ema", "--model-ema-decay", "0.9")
+    run_script(argv)
+    return out, argv
+
+
+@pytest.mark.parametrize("owner,name,n", KILL_POINTS)
+def test_kill_9_at_any_point_then_resume_gives_bitwise_the_run_its_log_and_its_best(killed_reference, tmp_path,
+                                                                                     owner, name, n):
+    reference, argv = killed_reference
+    out = tmp_path / "run"
+    i = argv.index("--output-dir")
+    argv = [*argv[:i], "--output-dir", str(out), *argv[i + 2:]]
+    killed = run_script(argv, script=KILLER.format(root=str(ROOT), owner=owner, name=name, n=n), check=False)
+    assert killed.returncode == -signal.SIGKILL
+    run_script([*argv, "--resume", str(out)])
+    assert same_weights(out / "model.safetensors", reference / "model.safetensors")
+    assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
+    assert record(out) == record(reference)
+    best = max(log_lines(out), key=lambda line: line["test_acc1"])["epoch"]
+    assert os.readlink(out / "checkpoints" / "best") == f"epoch-{best + 1:04d}"
+    assert os.readlink(out / "checkpoints" / "last") == "epoch-0002"
+
+
+# ---- one run per folder -------------------------------------------------------------------------------------------
+
+def test_a_second_run_or_a_resume_into_a_live_run_folder_is_refused_naming_host_and_process(two_epoch_run, tmp_path,
+                                                                                              tiny_imagefolder):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    holder = RunLock(out).acquire()
+    try:
+        who = f"process {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(ConfigError, match=f"in use by {who}"):
+            train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+        fresh = tmp_path / "fresh"
+        other = RunLock(fresh).acquire()
+        with pytest.raises(ConfigError, match="in use by"):
+            train.main(tiny_run(tiny_imagefolder, fresh))
+        other.release()
+    finally:
+        holder.release()
+    assert len(log_lines(out)) == 2  # untouched
+
+
+def test_a_lock_is_released_by_the_os_when_its_holder_is_killed(tmp_path):
+    code = (f"import sys, os, signal, time; sys.path.insert(0, {str(ROOT)!r}); from tract.run_folder import RunLock; "
+            f"RunLock({str(tmp_path / 'run')!r}).acquire(); print('held', flush=True); os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "held" in proc.stdout and proc.returncode == -9
+    RunLock(tmp_path / "run").acquire().release()
+
+
+# ---- no dead ends -------------------------------------------------------------------------------------------------
+
+def test_sigterm_during_start_up_exits_75_and_resume_of_the_folder_runs_from_the_start(tiny_imagefolder, tmp_path,
+                                                                                     monkeypatch, capsys):
+    out = tmp_path / "run"
+    build = train.build_dataset
+
+    def build_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train, "build_dataset", build_and_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_run(tiny_imagefolder, out))
+    assert e.value.code == EXIT_REQUEUE
+    assert f"resume with --resume {out}" in capsys.readouterr().out
+    monkeypatch.setattr(train, "build_dataset", build)
+    train.main(tiny_run(tiny_imagefolder, out, "--resume", str(out)))
+    assert (out / "model.safetensors").is_file() and len(log_lines(out)) == 1
+
+
+def test_a_bad_training_image_is_named_and_the_folder_then_resumes(tiny_imagefolder, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    bad = data / "train" / "class_1" / "3.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+        train.main(tiny_run(data, out))
+    bad.write_bytes(good)
+    with pytest.raises(ConfigError, match=f"--resume {out}"):
+        train.main(tiny_run(data, out))
+    train.main(tiny_run(data, out, "--resume", str(out)))
+    assert len(log_lines(out)) == 1
+
+
+def test_a_bad_validation_image_fails_after_the_epoch_checkpoint_which_keeps_the_training(tiny_imagefolder, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    bad = data / "val" / "class_0" / "1.png"
+    bad.write_text("not a png")
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+        train.main(tiny_run(data, out, "--num-workers", "1"))  # raised in a loader worker: still one line
+    assert os.readlink(out / "checkpoints" / "last") == "epoch-0001"
+
+
+def test_a_worker_error_reaches_the_user_as_its_one_line(tmp_path):
+    from torch.utils.data import DataLoader, Dataset
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise DatasetError(f"cannot read image /x/{i}.png (OSError: truncated): replace or delete the file")
+
+    with pytest.raises(DatasetError) as e:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert str(e.value) == "cannot read image /x/0.png (OSError: truncated): replace or delete the file"
+
+
+def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_named(tiny_imagefolder, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny_run(tiny_imagefolder, out))  # epoch-0001, good
+    build = train.build_dataset
+
+    class NanThenSignal(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset, self.reads = dataset, 0
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            image, label = self.dataset[i]
+            if self.reads == 12:
+                os.kill(os.getpid(), signal.SIGUSR1)  # preempted at update 3, after NaN at update 2
+            return (image * float("nan") if self.reads > 4 else image), label
+
+    def build_broken(name, root, is_train, *args, **kwargs):
+        dataset, classes = build(name, root, is_train, *args, **kwargs)
+        return (NanThenSignal(dataset) if is_train else dataset), classes
+
+    monkeypatch.setattr(train, "build_dataset", build_broken)
+    with pytest.raises(FloatingPointError, match=r"not finite.*nothing was saved.*epoch-0001"):
+        train.main(tiny_run(tiny_imagefolder, out, "--epochs", "2", "--resume", str(out)))
+    assert os.readlink(out / "checkpoints" / "last") == "epoch-0001"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.is_symlink()) == ["epoch-0001"]
+
+
+def test_a_full_disk_is_one_message_naming_the_folder_and_free_space_and_keeps_the_previous_checkpoint(
+        tiny_imagefolder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny_run(tiny_imagefolder, out))
+    from accelerate import Accelerator
+
+    def full(self, path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint epoch-0002 in .*checkpoints: No space left on "
+                                              r"device \(.* GiB free on that disk\); the previous checkpoint .*epoch-0001 "
+                                              r"is intact"):
+        train.main(tiny_run(tiny_imagefolder, out, "--epochs", "2", "--resume", str(out)))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "epoch-0001", "last"]
+
+
+def test_a_moved_run_folder_continues_where_it_now_is(tiny_imagefolder, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    train.main(tiny_run(tiny_imagefolder, old))
+    old.rename(new)
+    train.main(["-c", str(new / "args.yaml"), "--resume", str(new), "--epochs", "2"])
+    assert not old.exists() and len(log_lines(new)) == 2
+
+
+# ---- bad input: one message before compute, nothing written --------------------------------------------------------
+
+def _yaml(tmp_path, **values):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["-c", str(path)]
+
+
+BAD_INPUTS = {
+    "in-chans 2": (["--in-chans", "2"], "--in-chans must be 1"),
+    "one beta": (["--opt-betas", "0.9"], "--opt-betas takes 2 values"),
+    "negative clip": (["--clip-grad", "-1"], "--clip-grad must be > 0"),
+    "ema decay 2": (["--model-ema", "--model-ema-decay", "2"], r"--model-ema-decay must be in \(0, 1\)"),
+    "patch does not divide": (["--input-size", "36"], "not a multiple of the patch size 8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_is_one_message_and_writes_nothing(tiny_imagefolder, tmp_path, case):
+    extra, message = BAD_INPUTS[case]
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train.main(tiny_run(tiny_imagefolder, out, *extra))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("values,message", [({"lr": [1, 2]}, "key 'lr' takes one value"),
+                                            ({"epochs": 2.5}, "key 'epochs' must be a whole number"),
+                                            ({"epochs": True}, "key 'epochs' must be a number")])
+def test_a_bad_yaml_value_is_one_message_and_creates_no_folder(tiny_imagefolder, tmp_path, values, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train.main([*_yaml(tmp_path, **values), *tiny_run(tiny_imagefolder, out)])
+    assert not out.exists()
+
+
+def test_an_output_dir_that_is_a_file_or_under_a_file_is_refused(tiny_imagefolder, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        train.main(tiny_run(tiny_imagefolder, afile))
+    with pytest.raises(ConfigError, match="lies under .*notes.txt, which is a file"):
+        train.main(tiny_run(tiny_imagefolder, afile / "run"))
+    assert afile.read_text() == "mine"
+
+
+def test_resume_with_another_architecture_is_refused_before_compute_naming_the_command(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    argv = resume_argv(two_epoch_run[1], out)
+    i = argv.index("embed_dim=32")
+    with pytest.raises(ConfigError, match=r"started with model_kwargs=.*-c .*args.yaml --resume"):
+        train.main([*argv[:i], "embed_dim=64", *argv[i + 1:]])
+
+
+def test_a_text_file_or_image_as_weights_is_refused_without_torchs_unsafe_advice(tmp_path):
+    from tract.weights import WeightsError, load_state_dict
+
+    for name, content in (("notes.pth", b"hello\n" * 20), ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(64))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError) as e:
+            load_state_dict(tmp_path / name)
+        assert "weights_only=False" not in str(e.value) and "issue" not in str(e.value)
+
+
+def test_warmup_longer_than_the_run_is_a_warning_not_an_error(capsys):
+    from tract.config import parse_args
+
+    parse_args(["--warmup-epochs", "10", "--epochs", "1"])
+    assert "never leaves its warmup" in capsys.readouterr().err
