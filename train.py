@@ -106,6 +106,11 @@ def main(argv=None) -> None:
                     f"the same values (python train.py -c {source / 'args.yaml'} --resume {args.resume} does)")
             for key, (then, now) in changed.items():
                 say(f"note: resuming with {key} = {now!r} (the run started with {then!r})")
+        if args.resume and checkpoint is None:
+            if args.eval:
+                raise ConfigError(f"--eval --resume {args.resume}: the run has no checkpoint yet, nothing to evaluate")
+            say(f"note: {source} has no checkpoint yet: the run starts from the beginning")
+            args.resume = None  # a fresh start: --finetune weights are loaded again
         args.output_dir = str(output_dir)
         if writes:  # one run per folder, from here to the end; a live run's --resume is refused here
             lock = RunLock(output_dir)
