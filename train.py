@@ -119,10 +119,17 @@ def main(argv=None) -> None:
         # ---- data
         data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
         mean, std = default_mean_std(args.in_chans)
-        train_tf = build_transform(True, args.input_size, three_augment=args.three_augment, simple_random_crop=args.src,
-                                   color_jitter=args.color_jitter, auto_augment=args.aa, reprob=args.reprob,
-                                   remode=args.remode, recount=args.recount, mean=mean, std=std,
-                                   interpolation=args.train_interpolation)
+        try:
+            train_tf = build_transform(True, args.input_size, three_augment=args.three_augment,
+                                       simple_random_crop=args.src, color_jitter=args.color_jitter,
+                                       auto_augment=args.aa, reprob=args.reprob, remode=args.remode,
+                                       recount=args.recount, mean=mean, std=std,
+                                       interpolation=args.train_interpolation)
+        except (AssertionError, KeyError, ValueError) as e:  # timm's policy parser asserts on what it cannot read
+            if not args.aa:
+                raise
+            raise ConfigError(f"--aa {args.aa}: timm cannot read this augmentation policy ({e or type(e).__name__}); "
+                              "e.g. --aa rand-m9-mstd0.5-inc1") from None
         eval_tf = build_transform(False, args.input_size, eval_crop_ratio=args.eval_crop_ratio, mean=mean, std=std,
                                   interpolation=args.train_interpolation)
         with accelerator.main_process_first():  # only one process downloads

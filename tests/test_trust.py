@@ -406,6 +406,11 @@ BAD_INPUTS = {
     "negative clip": (["--clip-grad", "-1"], "--clip-grad must be > 0"),
     "ema decay 2": (["--model-ema", "--model-ema-decay", "2"], r"--model-ema-decay must be in \(0, 1\)"),
     "patch does not divide": (["--input-size", "36"], "not a multiple of the patch size 8"),
+    "unknown aa policy": (["--aa", "bogus-m9"], "--aa bogus-m9: timm cannot read"),
+    "negative momentum": (["--momentum", "-1"], r"--momentum must be in \[0, 1\]"),
+    "step decay 0": (["--sched", "step", "--decay-rate", "0"], "--decay-rate in"),
+    "cutmix min > max": (["--cutmix-minmax", "0.9", "0.1"], "0 < MIN <= MAX <= 1"),
+    "seed past 32 bits": (["--seed", str(2**40)], "--seed must be < 2"),
 }
 
 
@@ -420,11 +425,14 @@ def test_each_bad_input_is_one_message_and_writes_nothing(tiny_imagefolder, tmp_
 
 @pytest.mark.parametrize("values,message", [({"lr": [1, 2]}, "key 'lr' takes one value"),
                                             ({"epochs": 2.5}, "key 'epochs' must be a whole number"),
-                                            ({"epochs": True}, "key 'epochs' must be a number")])
+                                            ({"epochs": True}, "key 'epochs' must be a number"),
+                                            ({"batch_size": None}, "key 'batch_size' needs a value")])
 def test_a_bad_yaml_value_is_one_message_and_creates_no_folder(tiny_imagefolder, tmp_path, values, message):
     out = tmp_path / "run"
+    argv = tiny_run(tiny_imagefolder, out)
+    i = argv.index("--batch-size")
     with pytest.raises(ConfigError, match=message):
-        train.main([*_yaml(tmp_path, **values), *tiny_run(tiny_imagefolder, out)])
+        train.main([*_yaml(tmp_path, **values), *argv[:i], *argv[i + 2:]])
     assert not out.exists()
 
 

@@ -154,9 +154,11 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                         "None = on at 32 px or less (DeiT's rule for small images), off above")
     g.add_argument("--color-jitter", type=float, default=0.0, help="color jitter strength (DeiT: 0.3)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; None = off")
-    g.add_argument("--train-interpolation", default="bicubic", help="resize interpolation")
+    g.add_argument("--train-interpolation", default="bicubic",
+                   choices=("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"),
+                   help="resize interpolation")
     g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     g.add_argument("--repeated-aug", action=bool_flag, default=False,
                    help="repeated augmentation x3 (multi-process runs only)")
@@ -237,6 +239,9 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     """Give a YAML value the type the command line would give it (YAML reads 4e-3 as a string, for one)."""
     if value is None:
+        numeric = action.type in (int, float) or isinstance(action, argparse.BooleanOptionalAction)
+        if numeric and action.default is not None:  # null means "off" only where the option has an off state
+            raise ConfigError(f"{where} needs a value (leave the key out for the default, {action.default!r})")
         return None
     if isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
@@ -329,6 +334,16 @@ def validate_args(args: argparse.Namespace) -> None:
             example = "0.98 0.92 0.99" if wanted == 3 else "0.9 0.999"
             raise ConfigError(f"--opt-betas takes {wanted} values in [0, 1) for --opt {args.opt}, e.g. --opt-betas "
                               f"{example}; got {' '.join(map(str, args.opt_betas))}")
+    if not 0 <= args.momentum < 1 + 1e-9:
+        raise ConfigError(f"--momentum must be in [0, 1], got {args.momentum}")
+    if args.sched == "step" and not (args.decay_epochs > 0 and 0 < args.decay_rate <= 1):
+        raise ConfigError(f"--sched step needs --decay-epochs > 0 and --decay-rate in (0, 1], got "
+                          f"{args.decay_epochs} and {args.decay_rate}")
+    if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] <= args.cutmix_minmax[1] <= 1:
+        raise ConfigError(f"--cutmix-minmax takes MIN MAX with 0 < MIN <= MAX <= 1, got "
+                          f"{args.cutmix_minmax[0]} {args.cutmix_minmax[1]}")
+    if not args.seed < 2**31:
+        raise ConfigError(f"--seed must be < 2**31 (numpy's seeds are 32-bit), got {args.seed}")
     if args.warmup_epochs >= args.epochs and first_process_on_machine():
         print(f"warning: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the "
               "learning rate never leaves its warmup", file=sys.stderr)
