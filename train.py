@@ -41,12 +41,12 @@ def default_output_dir(args, accelerator) -> Path:
     return Path("output") / "train" / f"{stamp[0]}-{resolve_model_name(args.model)[0]}-{args.input_size}"
 
 
-def saved_output_dir(run: Path):
-    """The output_dir a run's args.yaml remembers (None without one)."""
+def saved_arg(run: Path, key: str):
+    """The value a run's args.yaml remembers for ``key`` (None without one)."""
     import yaml
 
     path = run / "args.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("output_dir") if path.is_file() else None
+    return (yaml.safe_load(path.read_text()) or {}).get(key) if path.is_file() else None
 
 
 def changed_args(saved: Path, args) -> dict:
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         checkpoint, source = resolve_resume(args.resume, log=say) if args.resume else (None, None)
         run_dir = source  # the run continued in place; None for a new run, or a new folder branched off a checkpoint
         if source and args.output_dir and Path(args.output_dir).resolve() != source:
-            if Path(args.resume).resolve() == checkpoint and args.output_dir != saved_output_dir(source):
+            if Path(args.resume).resolve() == checkpoint and args.output_dir != saved_arg(source, "output_dir"):
                 run_dir = None  # --resume CHECKPOINT --output-dir NEW: a new run folder starting from the checkpoint
             else:  # the run folder wins over the output_dir its args.yaml remembers (it may have been moved)
                 say(f"note: continuing the run in {source} (the folder given to --resume), not {args.output_dir}")
@@ -110,7 +110,8 @@ def main(argv=None) -> None:
             if args.eval:
                 raise ConfigError(f"--eval --resume {args.resume}: the run has no checkpoint yet, nothing to evaluate")
             say(f"note: {source} has no checkpoint yet: the run starts from the beginning")
-            args.resume = None  # a fresh start: --finetune weights are loaded again
+            args.resume = None  # a fresh start: --finetune weights are loaded again, the run's own if none is given
+            args.finetune = args.finetune or saved_arg(source, "finetune")
         args.output_dir = str(output_dir)
         if writes:  # one run per folder, from here to the end; a live run's --resume is refused here
             lock = RunLock(output_dir)

@@ -55,9 +55,11 @@ batch_layout() {
   PER_GPU_BATCH=$((per_proc / ACCUM_STEPS))
 }
 
-# has_checkpoint RUN_DIR: whether a train.py run folder holds a complete checkpoint (incomplete ones are .tmp-*).
-has_checkpoint() {
-  compgen -G "$1/checkpoints/epoch-*" >/dev/null
+# holds_run RUN_DIR: whether train.py started a run there (its args.yaml, or a complete checkpoint; incomplete ones
+# are .tmp-*). `--resume RUN_DIR` continues such a run from its newest intact checkpoint, or from the start if it
+# has none yet.
+holds_run() {
+  [ -e "$1/args.yaml" ] || compgen -G "$1/checkpoints/epoch-*" >/dev/null
 }
 
 # The time-limit warning reached the batch shell: pass it to every process of the job's steps (scancel without
@@ -71,7 +73,7 @@ on_warning() {
 }
 
 # slurm_run SCRIPT ARGS...: run SCRIPT (train.py / finetune.py) on every node of this SLURM job with the recipe's
-# global batch, in the run folder named after the job, resuming it when it holds a checkpoint; on the time-limit
+# global batch, in the run folder named after the job, resuming it when it holds a run; on the time-limit
 # warning (sbatch --signal=B:USR1@SECONDS) the workers checkpoint and the job is requeued.
 # Reads: ACCELERATE_CONFIG, GPUS_PER_NODE, GLOBAL_BATCH, MAX_BATCH_PER_GPU, RUN_DIR, WEIGHTS (finetune.py only).
 slurm_run() {
@@ -84,7 +86,7 @@ slurm_run() {
   batch_layout "$GLOBAL_BATCH" "$MAX_BATCH_PER_GPU" "$procs"
 
   local start=(--output-dir "$RUN_DIR")
-  if has_checkpoint "$RUN_DIR"; then
+  if holds_run "$RUN_DIR"; then
     start=(--resume "$RUN_DIR")
   elif [ -n "${WEIGHTS:-}" ]; then
     start+=(--finetune "$WEIGHTS")
@@ -111,7 +113,7 @@ slurm_run() {
   wait "$srun_pid" || status=$?
 
   if ((PREEMPTED && status != 0)); then
-    has_checkpoint "$RUN_DIR" || launch_die "preempted, but $RUN_DIR holds no checkpoint to resume: not requeued"
+    holds_run "$RUN_DIR" || launch_die "preempted before the run started in $RUN_DIR: not requeued"
     echo "launch: requeueing job $SLURM_JOB_ID; it resumes from $RUN_DIR"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -267,9 +267,16 @@ def test_sbatch_runs_one_accelerate_launch_per_node_with_the_right_ranks_head_an
 
 
 @pytest.mark.parametrize("script", ["pretrain_vit_s_a40.sbatch", "finetune_vit_b_v100.sbatch"])
-def test_sbatch_resumes_the_run_folder_when_it_holds_a_checkpoint_instead_of_starting_over(fakes, tmp_path, script):
+@pytest.mark.parametrize("left_behind", ["checkpoints/epoch-0003-update-000120/", "args.yaml"])
+def test_sbatch_resumes_the_run_folder_when_it_holds_a_run_instead_of_starting_over(fakes, tmp_path, script,
+                                                                                    left_behind):
     env, records = fakes
-    (tmp_path / "run" / "checkpoints" / "epoch-0003-update-000120").mkdir(parents=True)
+    path = tmp_path / "run" / left_behind
+    if left_behind.endswith("/"):  # a checkpoint
+        path.mkdir(parents=True)
+    else:  # a run stopped before its first checkpoint
+        path.parent.mkdir()
+        path.write_text("epochs: 3\n")
     out = run_sbatch(env, script, 2, JOB_ARGS[script][0], tmp_path)
     assert out.returncode == 0, out.stderr
     for record in records("accelerate"):
@@ -313,10 +320,10 @@ def test_job_that_finished_as_the_warning_came_is_not_requeued(fakes, tmp_path):
     assert out.returncode == 0 and records("scontrol") == []
 
 
-def test_preempted_job_without_any_checkpoint_is_not_requeued(fakes, tmp_path):
+def test_preempted_job_before_its_run_started_is_not_requeued(fakes, tmp_path):
     env, records = fakes
     out = run_sbatch(env, "pretrain_vit_s_a40.sbatch", 1, [], tmp_path, FAKE_PREEMPT="1")
-    assert out.returncode != 0 and "holds no checkpoint" in out.stderr
+    assert out.returncode != 0 and "preempted before the run started" in out.stderr
     assert records("scontrol") == []
 
 

@@ -469,3 +469,31 @@ def test_warmup_longer_than_the_run_is_a_warning_not_an_error(capsys):
 
     parse_args(["--warmup-epochs", "10", "--epochs", "1"])
     assert "never leaves its warmup" in capsys.readouterr().err
+
+
+def test_a_finetune_stopped_before_its_first_checkpoint_resumes_from_its_pretrained_weights(two_epoch_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import finetune
+
+    pretrained, argv = two_epoch_run
+    data = argv[argv.index("--data-path") + 1]
+    out = tmp_path / "ft"
+    command = ["--finetune", str(pretrained), "--data-set", "FOLDER", "--data-path", data, "--input-size", "32",
+               "--batch-size", "4",
+               "--epochs", "1", "--num-workers", "0", "--no-progress", "--output-dir", str(out)]
+    build = train.build_dataset
+
+    def build_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train, "build_dataset", build_and_signal)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(command)
+    assert e.value.code == EXIT_REQUEUE
+    monkeypatch.setattr(train, "build_dataset", build)
+    capsys.readouterr()
+    # what a requeued SLURM job runs: the same command with --resume instead of --finetune; the run's args.yaml has them
+    finetune.main([*command[2:], "--resume", str(out)])
+    assert f"loaded pretrained weights from {pretrained}" in capsys.readouterr().out
+    assert len(log_lines(out)) == 1
