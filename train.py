@@ -12,110 +12,34 @@ Preemption: on SIGUSR1 or SIGTERM every process finishes its current optimizer u
 same one, ``checkpoints/last`` is written with the position inside the epoch, and train.py exits with status 75
 (EX_TEMPFAIL, "requeue me"). ``--resume OUTPUT`` continues from there, skipping the batches already seen.
 """
-import time
-from pathlib import Path
-
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tract.checkpoint import (TrainState, export_weights, load_checkpoint, repair_links, resolve_resume,
-                              save_checkpoint)
+from tract.checkpoint import TrainState, export_weights, load_checkpoint, repair_links, save_checkpoint
 from tract.config import ConfigError, parse_args, save_args
 from tract.data import RASampler, build_dataset, build_transform, check_dataset, default_mean_std
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate,
                           train_one_epoch)
-from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name
-from tract.run_folder import RunLock, check_output_dir, holds_run
+from tract.models import build_model, count_parameters, plain_state_dict
+from tract.run_folder import place_run
 from tract.run_log import RunLog
 from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers, run_cli
-
-# What a checkpoint's tensors are shaped by: a resume that changes one of these cannot load it.
-ARCHITECTURE_ARGS = ("model", "model_kwargs", "in_chans", "input_size")
-
-
-def default_output_dir(args, accelerator) -> Path:
-    """timm's naming: output/train/<YYYYmmdd-HHMMSS>-<model>-<size>, the same on every process."""
-    stamp = [time.strftime("%Y%m%d-%H%M%S")]
-    broadcast_object_list(stamp)
-    return Path("output") / "train" / f"{stamp[0]}-{resolve_model_name(args.model)[0]}-{args.input_size}"
-
-
-def saved_arg(run: Path, key: str):
-    """The value a run's args.yaml remembers for ``key`` (None without one)."""
-    import yaml
-
-    path = run / "args.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get(key) if path.is_file() else None
-
-
-def changed_args(saved: Path, args) -> dict:
-    """{key: (saved value, current value)} for the arguments that differ from a run's args.yaml."""
-    import yaml
-
-    before = yaml.safe_load(saved.read_text()) or {}
-    now = vars(args)
-    return {k: (v, now[k]) for k, v in before.items() if k in now and now[k] != v and k != "output_dir"}
-
-
-def on_main(accelerator, fn):
-    """Run fn on the main process only; every process gets its ConfigError, so all of them stop together."""
-    error = [None]
-    if accelerator.is_main_process:
-        try:
-            fn()
-        except ConfigError as e:
-            error[0] = str(e)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        raise ConfigError(error[0])
 
 
 def main(argv=None) -> None:
     """Parse, build, train, save; every user error is a ConfigError/DatasetError/WeightsError before any write."""
     args = parse_args(argv)
     preemption = Preemption().install()  # before the first write: a signal during start-up still exits 75
-    lock = None
+    place = None
     try:
         accelerator = build_accelerator(args)
         say = accelerator.print
         world = accelerator.num_processes
 
-        # ---- where the run lives: decided (and refused) before anything is built or written
-        checkpoint, source = resolve_resume(args.resume, log=say) if args.resume else (None, None)
-        run_dir = source  # the run continued in place; None for a new run, or a new folder branched off a checkpoint
-        if source and args.output_dir and Path(args.output_dir).resolve() != source:
-            if Path(args.resume).resolve() == checkpoint and args.output_dir != saved_arg(source, "output_dir"):
-                run_dir = None  # --resume CHECKPOINT --output-dir NEW: a new run folder starting from the checkpoint
-            else:  # the run folder wins over the output_dir its args.yaml remembers (it may have been moved)
-                say(f"note: continuing the run in {source} (the folder given to --resume), not {args.output_dir}")
-        output_dir = run_dir or (Path(args.output_dir) if args.output_dir else default_output_dir(args, accelerator))
-        writes = not (args.eval or args.dry_run)
-        if writes:
-            check_output_dir(output_dir)
-            if holds_run(output_dir) and run_dir is None:
-                raise ConfigError(f"{output_dir} already holds a run: pass --resume {output_dir} to continue it, or "
-                                  "choose another --output-dir")
-        if source and (source / "args.yaml").is_file():
-            changed = changed_args(source / "args.yaml", args)
-            fixed = {k: v for k, v in changed.items() if k in ARCHITECTURE_ARGS}
-            if fixed:
-                raise ConfigError(f"--resume {args.resume}: the run was started with " + ", ".join(
-                    f"{k}={then!r}" for k, (then, _) in fixed.items()) + " and its checkpoints only fit that; pass "
-                    f"the same values (python train.py -c {source / 'args.yaml'} --resume {args.resume} does)")
-            for key, (then, now) in changed.items():
-                say(f"note: resuming with {key} = {now!r} (the run started with {then!r})")
-        if args.resume and checkpoint is None:
-            if args.eval:
-                raise ConfigError(f"--eval --resume {args.resume}: the run has no checkpoint yet, nothing to evaluate")
-            say(f"note: {source} has no checkpoint yet: the run starts from the beginning")
-            args.resume = None  # a fresh start: --finetune weights are loaded again, the run's own if none is given
-            args.finetune = args.finetune or saved_arg(source, "finetune")
-        args.output_dir = str(output_dir)
-        if writes:  # one run per folder, from here to the end; a live run's --resume is refused here
-            lock = RunLock(output_dir)
-            on_main(accelerator, lock.acquire)
+        # ---- where the run lives: decided (and refused) before anything is built; held by this run from here on
+        place = place_run(args, accelerator, log=say)
+        checkpoint, output_dir = place.checkpoint, place.output_dir
 
         # ---- data
         data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
@@ -181,7 +105,7 @@ def main(argv=None) -> None:
             "updates per epoch": updates_per_epoch, "epochs": args.epochs, "lr": f"{lr:.6g}",
             "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
             "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": output_dir,
-            "resume": checkpoint or ("from the start (no checkpoint yet)" if run_dir else "no"),
+            "resume": checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),
         }
         for key, value in summary.items():
             say(f"  {key}: {value}")
@@ -213,7 +137,7 @@ def main(argv=None) -> None:
         if accelerator.is_main_process and not (output_dir / "args.yaml").exists():
             save_args(args, output_dir / "args.yaml")
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process,
-                         resume_epoch=state.epoch if source else None)
+                         resume_epoch=state.epoch if checkpoint or place.continues else None)
 
         def evaluate_and_log(epoch: int, train_stats: dict) -> None:
             """Evaluate the model after ``epoch``, log the epoch, and point ``best`` at it when it is the best."""
@@ -296,8 +220,8 @@ def main(argv=None) -> None:
         accelerator.end_training()
     finally:
         preemption.uninstall()
-        if lock is not None:
-            lock.release()
+        if place is not None:
+            place.release()
 
 
 def cli(argv=None) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (an autouse fixture)
+from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (fresh_accelerate_state: autouse)
 
 import train
 from tract.checkpoint import CheckpointError, resolve_resume
