@@ -377,9 +377,9 @@ def test_a_full_disk_is_one_message_naming_the_folder_and_free_space_and_keeps_t
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Accelerator, "save_state", full)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint epoch-0002 in .*checkpoints: No space left on "
-                                              r"device \(.* GiB free on that disk\); the previous checkpoint .*epoch-0001 "
-                                              r"is intact"):
+    message = (r"cannot write checkpoint epoch-0002 in .*checkpoints: No space left on device \(.* GiB free on that "
+               r"disk\); the previous checkpoint .*epoch-0001 is intact")
+    with pytest.raises(CheckpointError, match=message):
         train.main(tiny_run(tiny_imagefolder, out, "--epochs", "2", "--resume", str(out)))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "epoch-0001", "last"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset", "build_transform",
-           "default_mean_std", "RASampler", "FashionMNISTIDX"]
+__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset",
+           "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
