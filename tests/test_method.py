@@ -421,6 +421,37 @@ def test_find_first_layer_on_timm_models(name, expected):
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["vit_small_r26_s32_224", "vit_base_r50_s16_224"])
+def test_hybrid_vit_first_layer_is_the_backbone_stem_and_its_std_conv_is_refused(name):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=3, depth=1)
+    # What runs first, seen from outside: the first Conv2d/Linear a forward pass calls.
+    order = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_pre_hook(lambda m, a, n=module_name: order.append(n))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert order[0] == "patch_embed.backbone.stem.conv" and order.index("patch_embed.proj") > 0
+    with pytest.raises(ValueError, match=r"'patch_embed\.backbone\.stem\.conv', is StdConv2dSame, which TrAct does "
+                                         r"not support"):
+        find_first_layer(model)
+    with pytest.raises(ValueError, match="StdConv2dSame"):
+        apply_tract(model)
+    assert not any(isinstance(m, TrAct) for m in model.modules())
+
+
+def test_hybrid_vit_with_a_plain_conv_stem_gets_tract_on_the_stem():
+    import timm
+
+    import tract.models  # noqa: F401  (registers vit_pico_convstem_28: a HybridEmbed over a plain 3-conv stem)
+
+    model = timm.create_model("vit_pico_convstem_28")
+    assert find_first_layer(model) == "patch_embed.backbone.0.conv"
+
+
+
 def test_import_tract_needs_torch_only():
     code = ("import sys, tract; heavy = [m for m in ('timm', 'accelerate', 'torchvision') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")

@@ -388,9 +388,15 @@ def _split_name(model: nn.Module, name: str) -> Tuple[nn.Module, str, nn.Module]
 
 
 def find_first_layer(model: nn.Module) -> str:
-    """Dotted name of the first layer: ViT patch embedding, timm's first_conv, or an unambiguous first layer."""
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(proj, nn.Module) and _supported_base(proj) is not None:
+    """Dotted name of the first layer: ViT patch embedding, timm's first_conv, or an unambiguous first layer.
+
+    A hybrid ViT's ``patch_embed.proj`` projects the output of a convolutional backbone (timm's HybridEmbed): its
+    first layer is the backbone's stem, named by ``first_conv``.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    hybrid = isinstance(getattr(patch_embed, "backbone", None), nn.Module)
+    if isinstance(proj, nn.Module) and _supported_base(proj) is not None and not hybrid:
         return "patch_embed.proj"
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     first = cfg.get("first_conv") if isinstance(cfg, dict) else None
@@ -403,8 +409,9 @@ def find_first_layer(model: nn.Module) -> str:
             layer = None
         if layer is not None and _supported_base(layer) is not None:
             return first
-        raise ValueError(f"pretrained_cfg['first_conv'] = '{first}' is not a supported layer "
-                         f"({_SUPPORTED_NAMES}): pass layer='dotted.name'")
+        kind = type(layer).__name__ if layer is not None else "missing"
+        raise ValueError(f"the first layer, pretrained_cfg['first_conv'] = '{first}', is {kind}, which TrAct does not "
+                         f"support (it supports {_SUPPORTED_NAMES}): pass layer='dotted.name' to wrap another layer")
     candidates = [name for name, m in model.named_modules() if _supported_base(m) is not None]
     if len(candidates) == 1:
         return candidates[0]
