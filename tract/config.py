@@ -122,7 +122,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", help="timm optimizer name; DeiT's fusedlamb means timm's lamb")
-    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon; None = DeiT's 1e-8 for DeiT III models, the optimizer's otherwise")
+    g.add_argument("--opt-eps", type=float, default=None,
+                   help="optimizer epsilon; None = DeiT's 1e-8 for DeiT III models, the optimizer's otherwise")
     g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas; None = the optimizer's")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (none on 1-D params)")
