@@ -12,20 +12,22 @@ The weights are adapted to the model: pos_embed and patch embedding resampled fo
 head for a new class count (the class count is the dataset's).
 
 When WEIGHTS comes from a train.py run, that run's ``args.yaml`` supplies the model and TrAct settings, so the
-finetuned model is the pretrained one (and, as in the paper, TrAct pretraining is finetuned with TrAct); with
-``--resume RUN`` they come from the finetune run itself. Precedence: train.py's defaults < FINETUNE_DEFAULTS < those
-run settings < ``-c`` YAML < command line.
+finetuned model is the pretrained one and TrAct pretraining is finetuned with TrAct, vanilla pretraining without (the
+paper's two columns); with ``--resume RUN`` they come from the finetune run itself. Precedence: train.py's defaults <
+FINETUNE_DEFAULTS < those run settings < ``-c`` YAML < command line, except that TrAct on/off, lambda and layer are
+the run's unless the COMMAND LINE says otherwise (a config cannot flip them; a command line that contradicts the run
+is named in one line). For weights from elsewhere (a ``.pth``) the config and flags decide, TrAct off by default.
 """
 import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
 import train
-from tract.config import ConfigError, parse_args, save_args
+from tract.config import ConfigError, command_line_keys, parse_args, save_args
 from tract.runtime import run_cli
 from tract.weights import find_run_args
 
@@ -50,19 +52,34 @@ FINETUNE_DEFAULTS: Dict[str, Any] = {
 }
 # Taken from the pretraining run: what the weights must fit, and TrAct (the paper finetunes with the pretraining's).
 INHERITED = ("model", "model_kwargs", "in_chans", "tract", "tract_lambda", "tract_layer")
+# Of those, the ones only the command line may change: a config written for both columns must not pick one.
+TRACT_KEYS = ("tract", "tract_lambda", "tract_layer")
 
 
-def run_defaults(path: str) -> Dict[str, Any]:
-    """The INHERITED settings of the train.py / finetune.py run at ``path`` ({} for weights from elsewhere)."""
+def say(line: str) -> None:
+    """Print once per launch (rank 0), before Accelerate exists."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
+
+
+def run_defaults(path: str) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """The INHERITED settings of the train.py / finetune.py run at ``path``, and its args.yaml ({}, None elsewhere)."""
     args_yaml = find_run_args(path)
     if args_yaml is None:
-        return {}
+        return {}, None
     run_args = yaml.safe_load(args_yaml.read_text()) or {}
     inherited = {k: run_args[k] for k in INHERITED if k in run_args}
-    if os.environ.get("RANK", "0") == "0":
-        print(f"finetune.py: defaults from {args_yaml} (-c and flags override): "
-              + ", ".join(f"{k}={v}" for k, v in inherited.items()))
-    return inherited
+    say(f"finetune.py: defaults from {args_yaml}: " + ", ".join(f"{k}={v}" for k, v in inherited.items()))
+    return inherited, args_yaml
+
+
+def tract_summary(values: Any) -> str:
+    """'on, lambda 0.2' / 'off' for a namespace or dict of TrAct settings."""
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+    if not get("tract", False):
+        return "off"
+    layer = get("tract_layer")
+    return f"on, lambda {get('tract_lambda', 0.1)}" + (f", layer {layer}" if layer else "")
 
 
 def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -72,12 +89,26 @@ def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
     source = known.finetune or known.resume  # the pretraining run, or the finetune run being continued
-    defaults = {**FINETUNE_DEFAULTS, **(run_defaults(source) if source else {})}
-    args = parse_args(argv, defaults=defaults, prog="finetune.py")
+    inherited, args_yaml = run_defaults(source) if source else ({}, None)
+    args = parse_args(argv, defaults={**FINETUNE_DEFAULTS, **inherited}, prog="finetune.py")
     if not (args.finetune or args.resume):
         raise ConfigError("finetune.py needs --finetune WEIGHTS (a train.py run folder, an Accelerate checkpoint "
                           "folder, or a .safetensors / .pth / .bin file), or --resume RUN to continue a finetune run; "
                           "to train from scratch use train.py")
+    given = command_line_keys(argv)
+    run_tract = {k: inherited[k] for k in TRACT_KEYS if k in inherited}
+    for key, value in run_tract.items():
+        if key not in given:
+            setattr(args, key, value)  # over a -c config too
+    if args_yaml is None:
+        origin = "the config and command line (the weights are not a train.py run: off unless asked)"
+    elif given & set(TRACT_KEYS):
+        origin = "the command line"
+        if tract_summary(args) != tract_summary(run_tract):
+            origin += f", which differs from the run {args_yaml} (TrAct {tract_summary(run_tract)})"
+    else:
+        origin = f"the run {args_yaml}"
+    say(f"finetune.py: TrAct {tract_summary(args)}: from {origin}")
     return args
 
 

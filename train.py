@@ -103,6 +103,7 @@ def main(argv=None) -> None:
             "val images": len(val_set), "processes": world, "global batch": global_batch,
             "per-process batch": args.batch_size, "accumulation steps": args.accum_steps,
             "updates per epoch": updates_per_epoch, "epochs": args.epochs, "lr": f"{lr:.6g}",
+            "optimizer": f"{type(optimizer).__name__}, eps {optimizer.defaults.get('eps', 'none')}",
             "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
             "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": output_dir,
             "resume": checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),

@@ -124,6 +124,7 @@ def vit_s_224(tmp_path_factory) -> Path:
 # config -> (writer of a dataset root with enough training images for one batch, class count, pretrained weights)
 DRY_RUNS = {
     "deit3_vit_b_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_b_192"),
+    "deit3_vit_s_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_s_224"),
     "transfer_cifar10": (lambda root: datagen.write_cifar(root, 10, n_train=96, n_test=2), 10, "vit_s_224"),
     "transfer_cifar100": (lambda root: datagen.write_cifar(root, 100, n_train=96, n_test=2), 100, "vit_s_224"),
     "transfer_flowers": (lambda root: datagen.write_flowers(root, n_train=48, n_val=48, n_test=2, size=(16, 16)), 102,
@@ -149,10 +150,68 @@ def test_config_dry_run_resolves_the_recipe_and_adapts_the_pretrained_weights(co
     width = 768 if "vit_b" in config else 384
     expected = {"classes": num_classes, "epochs": cfg["epochs"], "global batch": cfg["batch_size"],
                 "lr": f"{cfg['lr'] * cfg['batch_size'] / 512:.6g}",  # one process: DeiT's linear scaling to the batch
-                "tract": f"on, layer patch_embed.proj, lambda {cfg['tract_lambda']}"}
+                "optimizer": "AdamW, eps 1e-08",  # DeiT main.py's --opt-eps
+                "tract": "off"}  # the weights are not a train.py run and the config does not set TrAct
     for key, value in expected.items():
         assert f"  {key}: {value}\n" in printed, key
+    assert "finetune.py: TrAct off: from the config and command line (the weights are not a train.py run" in printed
     assert (f"weights have head.bias (1000,), head.weight (1000, {width}); "
             f"model has head.bias ({num_classes},)") in printed
     resampled = "resampled pos_embed (bicubic) from (1, 144, 768) to (1, 196, 768)" in printed
     assert resampled == (config == "deit3_vit_b_ft224")  # 192 -> 224 px; the transfer runs stay at 224
+
+
+# ---- TrAct on/off and lambda: the pretraining run's, whatever the config; only the command line changes them ----
+
+def run_folder(pretrained: Path, tmp_path: Path, name: str, **changes) -> Path:
+    """A train.py run folder: the fixture's weights and its args.yaml with ``changes`` (e.g. a vanilla run)."""
+    run = tmp_path / name
+    run.mkdir()
+    (run / "model.safetensors").symlink_to(pretrained / "model.safetensors")
+    args = yaml.safe_load((pretrained / "args.yaml").read_text())
+    (run / "args.yaml").write_text(yaml.safe_dump({**args, **changes}, sort_keys=False))
+    return run
+
+
+TRANSFER = ["-c", str(CONFIGS / "transfer_cifar10.yaml"), "--data-path", "data/cifar10"]
+
+
+@pytest.mark.parametrize("column, run_tract, expected", [
+    ("baseline", {"tract": False}, (False, 0.1)),
+    ("tract", {"tract": True, "tract_lambda": 0.2}, (True, 0.2)),
+])
+def test_finetuning_takes_tract_on_off_and_lambda_from_the_pretraining_run_not_the_config(
+        pretrained, tmp_path, capsys, column, run_tract, expected):
+    run = run_folder(pretrained, tmp_path, column, **run_tract)
+    args = finetune.parse_finetune_args([*TRANSFER, "--finetune", str(run)])
+    assert (args.tract, args.tract_lambda) == expected
+    assert f"TrAct {'on, lambda 0.2' if expected[0] else 'off'}: from the run {run / 'args.yaml'}" in \
+        capsys.readouterr().out
+    # A config that sets TrAct cannot flip the run's setting either.
+    flipping = tmp_path / "flip.yaml"
+    flipping.write_text(f"tract: {str(not expected[0]).lower()}\ntract_lambda: 0.05\n")
+    args = finetune.parse_finetune_args(["-c", str(flipping), "--finetune", str(run)])
+    assert (args.tract, args.tract_lambda) == expected
+
+
+def test_a_command_line_that_contradicts_the_pretraining_run_wins_and_is_named_in_one_line(pretrained, tmp_path,
+                                                                                           capsys):
+    run = run_folder(pretrained, tmp_path, "vanilla", tract=False)
+    args = finetune.parse_finetune_args([*TRANSFER, "--finetune", str(run), "--tract"])
+    assert (args.tract, args.tract_lambda) == (True, 0.1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "TrAct" in line]
+    assert lines == [f"finetune.py: TrAct on, lambda 0.1: from the command line, which differs from the run "
+                     f"{run / 'args.yaml'} (TrAct off)"]
+    # Agreeing with the run is not a contradiction; lambda alone changes lambda and keeps the run's on/off.
+    args = finetune.parse_finetune_args([*TRANSFER, "--finetune", str(run), "--no-tract"])
+    assert "differs" not in capsys.readouterr().out and args.tract is False
+    tract_run = run_folder(pretrained, tmp_path, "tract", tract=True, tract_lambda=0.2)
+    args = finetune.parse_finetune_args([*TRANSFER, "--finetune", str(tract_run), "--tract-lambda", "0.1"])
+    assert (args.tract, args.tract_lambda) == (True, 0.1) and "differs" in capsys.readouterr().out
+
+
+def test_weights_that_are_not_a_run_finetune_without_tract_unless_asked(vit_s_224, capsys):
+    assert finetune.parse_finetune_args([*TRANSFER, "--finetune", str(vit_s_224)]).tract is False
+    args = finetune.parse_finetune_args([*TRANSFER, "--finetune", str(vit_s_224), "--tract", "--tract-lambda", "0.2"])
+    assert (args.tract, args.tract_lambda) == (True, 0.2)
+    assert "TrAct on, lambda 0.2: from the config and command line" in capsys.readouterr().out

@@ -39,6 +39,8 @@ SLURM_JOBS = {
                                    256),
     "finetune_vit_b_v100.sbatch": ("finetune.py", "configs/deit3_vit_b_ft224.yaml", "v100x8_multinode.yaml", 8, 512,
                                    64),
+    "finetune_vit_s_a40.sbatch": ("finetune.py", "configs/deit3_vit_s_ft224.yaml", "a40x4_multinode.yaml", 4, 512,
+                                  128),
     "transfer_vit_s_a40.sbatch": ("finetune.py", "configs/transfer_cifar100.yaml", "a40x4_multinode.yaml", 4, 768, 192),
 }
 # Arguments a user gives after the script name: (job arguments, the finetune weights among them or None)
@@ -46,6 +48,7 @@ JOB_ARGS = {
     "pretrain_vit_s_a40.sbatch": ([], None),
     "pretrain_vit_b_v100.sbatch": ([], None),
     "finetune_vit_b_v100.sbatch": (["output/slurm/vit_b_192"], "output/slurm/vit_b_192"),
+    "finetune_vit_s_a40.sbatch": (["output/slurm/vit_s_400"], "output/slurm/vit_s_400"),
     "transfer_vit_s_a40.sbatch": (["cifar100", "output/slurm/vit_s_800"], "output/slurm/vit_s_800"),
 }
 
@@ -87,7 +90,7 @@ def test_accelerate_launch_resolves_each_config_to_its_process_count(name):
 
 
 # ------------------------------------------------------------------------------------------------- shell scripts
-def test_there_are_the_four_sbatch_scripts_and_multinode_sh():
+def test_there_are_the_five_sbatch_scripts_and_multinode_sh():
     assert sorted(p.name for p in SBATCH) == sorted(SLURM_JOBS)
     assert (LAUNCH / "multinode.sh").stat().st_mode & stat.S_IXUSR
 
@@ -301,6 +304,17 @@ def test_sbatch_command_line_overrides_config_and_node_gpus(fakes, tmp_path):
         acc, train = accelerate_command(record)
         assert acc.num_processes == 4 and train.config == "configs/deit3_vit_s_800ep.yaml"
         assert train.batch_size == 64 and train.tract is False  # the user's flags come last and win
+
+
+@pytest.mark.parametrize("script", [s for s in sorted(SLURM_JOBS) if "a40" in s])
+def test_a40_sbatch_reaches_the_papers_fp16_with_one_option(fakes, tmp_path, script):
+    env, records = fakes
+    assert "--mixed-precision fp16" in (LAUNCH / "slurm" / script).read_text()  # documented in the script's header
+    out = run_sbatch(env, script, 1, [*JOB_ARGS[script][0], "--mixed-precision", "fp16"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (record,) = records("accelerate")
+    acc, train = accelerate_command(record)
+    assert acc.config_file.endswith("a40x4_multinode.yaml") and train.mixed_precision == "fp16"
 
 
 @pytest.mark.parametrize("warnings", [1, 2])

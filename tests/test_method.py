@@ -421,6 +421,37 @@ def test_find_first_layer_on_timm_models(name, expected):
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["vit_small_r26_s32_224", "vit_base_r50_s16_224"])
+def test_hybrid_vit_first_layer_is_the_backbone_stem_and_its_std_conv_is_refused(name):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=3, depth=1)
+    # What runs first, seen from outside: the first Conv2d/Linear a forward pass calls.
+    order = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_pre_hook(lambda m, a, n=module_name: order.append(n))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert order[0] == "patch_embed.backbone.stem.conv" and order.index("patch_embed.proj") > 0
+    with pytest.raises(ValueError, match=r"'patch_embed\.backbone\.stem\.conv', is StdConv2dSame, which TrAct does "
+                                         r"not support"):
+        find_first_layer(model)
+    with pytest.raises(ValueError, match="StdConv2dSame"):
+        apply_tract(model)
+    assert not any(isinstance(m, TrAct) for m in model.modules())
+
+
+def test_hybrid_vit_with_a_plain_conv_stem_gets_tract_on_the_stem():
+    import timm
+
+    import tract.models  # noqa: F401  (registers vit_pico_convstem_28: a HybridEmbed over a plain 3-conv stem)
+
+    model = timm.create_model("vit_pico_convstem_28")
+    assert find_first_layer(model) == "patch_embed.backbone.0.conv"
+
+
+
 def test_import_tract_needs_torch_only():
     code = ("import sys, tract; heavy = [m for m in ('timm', 'accelerate', 'torchvision') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
@@ -481,3 +512,76 @@ def test_torch_compile_matches_eager():
     out_e.square().sum().backward()
     for pc, pe in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The non-positive-definite fallback: exact in float64, chosen on the device (eager and compiled), no host reads
+
+def smooth_images(batch: int, size: int = 16) -> torch.Tensor:
+    """Images with no high frequencies (2x2 random grids, bilinear upsampled): their patch Gram is nearly singular."""
+    torch.manual_seed(12)
+    return F.interpolate(torch.randn(batch, 3, 2, 2), size=(size, size), mode="bilinear", align_corners=True)
+
+
+@pytest.mark.parametrize("lam", [1e-7, 1e-8])
+def test_fallback_recomputes_the_ordinary_gradient_in_float64_and_is_exact(lam):
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    layer = TrAct(copy.deepcopy(conv), lam)
+    x = smooth_images(8)
+    rows = reference_rows(conv, x).float()
+    gram = rows.T @ rows / rows.shape[0] + lam * torch.eye(rows.shape[1])
+    assert torch.linalg.cholesky_ex(gram).info.item() > 0  # the float32 fast path fails: the fallback is tested
+    z = layer(x)
+    grad_z = torch.randn_like(z)
+    z.backward(grad_z)
+    _, expected = reference_grads(conv, x, grad_z, lam)
+    assert_rel_close(layer.weight.grad, expected, 1e-6)  # reusing the float32 ordinary gradient: 7e-2, 0.68
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
+def test_compiled_model_with_a_singular_gram_takes_the_fallback_and_matches_float64():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    conv = copy.deepcopy(net[0])
+    apply_tract(net, lam=1e-8)
+    x = torch.rand(6, 3, 1, 1).expand(6, 3, 16, 16).contiguous()  # constant images: X has rank 3 of n = 48
+    compiled = torch.compile(net, fullgraph=True)  # fullgraph: a graph break is an error
+    out = compiled(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    # grad_z of the first layer, from an eager copy of the rest of the network
+    z = net[0].plain()(x).detach().requires_grad_(True)
+    rest = nn.Sequential(net[1], net[2], net[3])
+    rest(z).backward(grad_out)
+    _, expected = reference_grads(conv, x, z.grad, 1e-8)
+    assert_rel_close(net[0].weight.grad, expected, 1e-5)  # skipping the fallback when compiled: NaN
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten._local_scalar_dense: every read of a tensor's value on the host (item, bool, int, float) goes
+    through it, and on a GPU each is a device->host synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lam, images", [(0.1, "random"), (1e-8, "constant")], ids=["fast_path", "fallback"])
+@pytest.mark.parametrize("kind", ["gram", "woodbury"])
+def test_backward_reads_no_device_value_on_the_host(lam, images, kind):
+    torch.manual_seed(0)
+    batch = 8 if kind == "gram" else 1  # one 16-px image: b = 16 patches < n = 48, the (b, b) form
+    x = torch.rand(batch, 3, 16, 16) if images == "random" else \
+        torch.rand(batch, 3, 1, 1).expand(batch, 3, 16, 16).contiguous()
+    layer = TrAct(nn.Conv2d(3, 8, 4, stride=4), lam)
+    z = layer(x)
+    grad_z = torch.randn_like(z)
+    with _HostReads() as mode:
+        z.backward(grad_z)
+    assert mode.reads == 0
+    assert torch.isfinite(layer.weight.grad).all()

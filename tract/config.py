@@ -21,8 +21,8 @@ import yaml
 
 from tract.data import DATASETS
 
-__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "validate_args", "load_config",
-           "save_args", "parse_model_kwargs"]
+__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "command_line_keys",
+           "validate_args", "load_config", "save_args", "parse_model_kwargs"]
 
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 
@@ -123,7 +123,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", help="timm optimizer name; DeiT's fusedlamb means timm's lamb")
-    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon; None = the optimizer's")
+    g.add_argument("--opt-eps", type=float, default=None,
+                   help="optimizer epsilon; None = DeiT's 1e-8 for DeiT III models, the optimizer's otherwise")
     g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas; None = the optimizer's")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (none on 1-D params)")
@@ -287,6 +288,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     args = parser.parse_args(argv)
     validate_args(args)
     return args
+
+
+def command_line_keys(argv: Optional[Sequence[str]]) -> set:
+    """The argument names the command line itself sets (not defaults, not a ``-c`` config)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv)
+    return set(vars(given)) - {"config"}
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -37,9 +37,12 @@ def build_optimizer(args, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         close = difflib.get_close_matches(name, known + list(OPTIMIZER_ALIASES), n=3)
         raise ConfigError(f"unknown optimizer '{args.opt}'" + (f"; closest: {', '.join(close)}" if close else "") +
                           " (timm.optim.list_optimizers() lists them)")
+    from tract.models import optimizer_eps
+
     kwargs = {}
-    if args.opt_eps is not None:
-        kwargs["eps"] = args.opt_eps
+    eps = optimizer_eps(args)  # DeiT's 1e-8 for DeiT III models, as DeiT's main.py passes it
+    if eps is not None:
+        kwargs["eps"] = eps
     if args.opt_betas is not None:
         kwargs["betas"] = tuple(args.opt_betas)
     return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,

@@ -7,6 +7,12 @@ and the bias gradient are the ordinary ones, so TrAct can be switched on and off
 Cost: the ordinary weight gradient comes from the framework's own kernel, then it is right-multiplied by G^-1 through
 a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in backward from the
 input the layer saves anyway, so no activation memory is added and nothing runs in no-grad forward passes.
+
+A Gram that is not numerically positive definite in float32 (a lambda far below its float32 resolution, constant
+images) makes the Cholesky factorisation fail; the result is then the float64 solution, recomputed from the rows
+(Gram and grad_z^T X both in float64) and solved by LU. Which of the two is used is decided on the device
+(``torch.where`` on the factorisation's ``info``): backward never reads a device value on the host, so it costs no
+synchronisation and a compiled graph keeps the fallback without a graph break.
 """
 from __future__ import annotations
 
@@ -126,20 +132,21 @@ def _add_gram(gram: Tensor, rows: Tensor) -> None:
     gram[..., h:, :h] = gram[..., :h, h:].mT
 
 
-def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Optional[Tensor]:
-    """rhs @ spd^-1 for batched SPD ``spd``; None when the Cholesky factorisation fails (not positive definite)."""
+def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Tuple[Tensor, Tensor]:
+    """(rhs @ spd^-1, ok) for batched ``spd``: Cholesky, or LU when ``robust``; ``ok`` is a device bool, never read.
+
+    Where ``ok`` is False (the Cholesky factorisation failed: not positive definite) the solution is meaningless.
+    """
     if robust:
-        return torch.linalg.solve(spd, rhs.mT).mT
+        out, info = torch.linalg.solve_ex(spd, rhs.mT)
+        return out.mT, info.eq(0).all()
     chol, info = torch.linalg.cholesky_ex(spd)
-    # The check reads a device value; a compiled graph skips it to stay whole (no graph break, no host sync there).
-    if not torch.compiler.is_compiling() and bool(info.any()):
-        return None
-    return torch.cholesky_solve(rhs.mT, chol).mT
+    return torch.cholesky_solve(rhs.mT, chol).mT, info.eq(0).all()
 
 
 def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
-                shape: torch.Size, sync: bool, dtype: torch.dtype, robust: bool) -> Optional[Tensor]:
-    """grad_w (X^T X / b + lam I)^-1 per group, in ``dtype``; None if the Cholesky factorisation failed.
+                shape: torch.Size, sync: bool, dtype: torch.dtype, robust: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_w (X^T X / b + lam I)^-1 per group in ``dtype``, ok): see ``_spd_solve_right``.
 
     Without ``grad_w`` the ordinary weight gradient is accumulated here as grad_z^T X, on the rows built anyway.
     """
@@ -165,13 +172,13 @@ def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Option
         gram, b = packed[:-1].view_as(gram), packed[-1]
     gram = gram / b
     gram.diagonal(dim1=-2, dim2=-1).add_(lam)
-    out = _spd_solve_right(gw, gram, robust)
-    return None if out is None else out.reshape(shape)
+    out, ok = _spd_solve_right(gw, gram, robust)
+    return out.reshape(shape), ok
 
 
 def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size,
-                    dtype: torch.dtype, robust: bool) -> Optional[Tensor]:
-    """The TrAct weight gradient through a (b, b) system, for b < n; None if the Cholesky factorisation failed.
+                    dtype: torch.dtype, robust: bool) -> Tuple[Tensor, Tensor]:
+    """(The TrAct weight gradient through a (b, b) system, for b < n; ok): see ``_spd_solve_right``.
 
     grad_z^T X (X^T X / b + lam I)^-1 = b grad_z^T (X X^T + b lam I)^-1 X (push-through identity), which unlike the
     textbook Woodbury form subtracts nothing, so it keeps float32 accuracy when X X^T dominates b lam.
@@ -180,8 +187,8 @@ def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: fl
     b = rows.shape[1]
     kernel = rows @ rows.mT
     kernel.diagonal(dim1=-2, dim2=-1).add_(b * lam)
-    solved = _spd_solve_right(rows.mT, kernel, robust)  # X^T K^-1, (g, n, b)
-    return None if solved is None else (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape)
+    solved, ok = _spd_solve_right(rows.mT, kernel, robust)  # X^T K^-1, (g, n, b)
+    return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape), ok
 
 
 def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
@@ -255,12 +262,14 @@ class _TrActFunction(torch.autograd.Function):
                 grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])
                 # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
                 dtype = torch.promote_types(x.dtype, torch.float32)
-                for dtype, robust in ((dtype, False), (torch.float64, True)):  # then LU in float64 if G is not SPD
-                    new = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, robust) if woodbury
-                           else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, robust))
-                    if new is not None:
-                        break
-                gw = new
+                # The fallback (float64, LU) recomputes grad_z^T X too: the fast path's float32 ordinary gradient
+                # carries rounding that (G + lam I)^-1 amplifies by up to 1/lam.
+                fast, ok = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, False) if woodbury
+                            else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, False))
+                safe, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
+                           if woodbury else
+                           _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
+                gw = torch.where(ok, fast, safe.to(fast.dtype))
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
                 gb.to(b_dtype) if gb is not None else None, None, None, None)
@@ -379,9 +388,15 @@ def _split_name(model: nn.Module, name: str) -> Tuple[nn.Module, str, nn.Module]
 
 
 def find_first_layer(model: nn.Module) -> str:
-    """Dotted name of the first layer: ViT patch embedding, timm's first_conv, or an unambiguous first layer."""
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if isinstance(proj, nn.Module) and _supported_base(proj) is not None:
+    """Dotted name of the first layer: ViT patch embedding, timm's first_conv, or an unambiguous first layer.
+
+    A hybrid ViT's ``patch_embed.proj`` projects the output of a convolutional backbone (timm's HybridEmbed): its
+    first layer is the backbone's stem, named by ``first_conv``.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    hybrid = isinstance(getattr(patch_embed, "backbone", None), nn.Module)
+    if isinstance(proj, nn.Module) and _supported_base(proj) is not None and not hybrid:
         return "patch_embed.proj"
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     first = cfg.get("first_conv") if isinstance(cfg, dict) else None
@@ -394,8 +409,9 @@ def find_first_layer(model: nn.Module) -> str:
             layer = None
         if layer is not None and _supported_base(layer) is not None:
             return first
-        raise ValueError(f"pretrained_cfg['first_conv'] = '{first}' is not a supported layer "
-                         f"({_SUPPORTED_NAMES}): pass layer='dotted.name'")
+        kind = type(layer).__name__ if layer is not None else "missing"
+        raise ValueError(f"the first layer, pretrained_cfg['first_conv'] = '{first}', is {kind}, which TrAct does not "
+                         f"support (it supports {_SUPPORTED_NAMES}): pass layer='dotted.name' to wrap another layer")
     candidates = [name for name, m in model.named_modules() if _supported_base(m) is not None]
     if len(candidates) == 1:
         return candidates[0]

@@ -1,9 +1,12 @@
 """Model building: timm.create_model, DeiT III's own model details, and TrAct on the first layer.
 
 DeiT III names its models ``deit_small_patch16_LS`` etc.; timm has the same networks as ``deit3_*`` but initialises
-LayerScale at 1e-6 and ramps stochastic depth linearly over the blocks, where DeiT III uses 1e-4 and the same rate in
-every block. With a DeiT III name both are set DeiT III's way unless ``--layer-scale-init`` /
-``--drop-path-schedule`` say otherwise.
+LayerScale at 1e-6, draws the class token from normal(std 1e-6) and ramps stochastic depth linearly over the blocks,
+where DeiT III (models_v2.py) uses 1e-4, trunc_normal(std 0.02) and the same rate in every block; and DeiT's main.py
+gives every optimizer eps 1e-8 (timm's Lamb: 1e-6). With a DeiT III name all of these are DeiT III's unless
+``--layer-scale-init`` / ``--drop-path-schedule`` / ``--opt-eps`` say otherwise; timm's names keep timm's. Everything
+else of the model (qkv bias, LayerNorm eps 1e-6, pos_embed trunc_normal(0.02) without a class slot, Linear
+trunc_normal(0.02) with zero bias, the patch embedding's default Conv2d init) is the same in both.
 """
 import argparse
 import difflib
@@ -18,8 +21,8 @@ from torch import nn
 
 from tract.config import ConfigError
 
-__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "DEIT3_MODELS", "resolve_model_name", "build_model",
-           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
+__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "DEIT3_MODELS", "resolve_model_name", "optimizer_eps",
+           "build_model", "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -30,6 +33,8 @@ DEIT3_MODELS = {
     "deit_huge_patch14_LS": "deit3_huge_patch14_224",
 }
 DEIT3_LAYER_SCALE_INIT = 1e-4  # DeiT III models_v2.py: init_scale=1e-4 (timm's deit3_*: 1e-6)
+DEIT3_CLS_TOKEN_STD = 0.02  # DeiT III models_v2.py: trunc_normal_(self.cls_token, std=.02) (timm: normal, std 1e-6)
+DEIT_OPT_EPS = 1e-8  # DeiT main.py: --opt-eps default, passed to every optimizer (timm's Lamb: 1e-6)
 
 
 @register_model
@@ -80,6 +85,13 @@ def resolve_model_name(name: str) -> Tuple[str, bool]:
     return timm_name, name in DEIT3_MODELS
 
 
+def optimizer_eps(args: argparse.Namespace) -> Optional[float]:
+    """The optimizer epsilon to pass: ``--opt-eps``, else DeiT's 1e-8 for a DeiT III model, else None (timm's)."""
+    if args.opt_eps is not None:
+        return args.opt_eps
+    return DEIT_OPT_EPS if resolve_model_name(args.model)[1] else None
+
+
 def set_drop_path(model: nn.Module, rate: float) -> int:
     """Give every stochastic-depth slot (timm blocks' ``drop_path*``) the same rate; return how many slots."""
     slots = 0
@@ -119,6 +131,14 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
                               "check --model-kwargs / --layer-scale-init for this model") from None
 
     check_patch_grid(model, args.input_size)
+    if deit3 and getattr(model, "cls_token", None) is not None:
+        # The class token's gradient at timm's 1e-6 init dominates the global norm (6.3 vs 0.5), so LAMB's clip at
+        # 1.0 would scale every other gradient down about 6x until the token grows.
+        from timm.layers import trunc_normal_
+
+        with torch.no_grad():
+            trunc_normal_(model.cls_token, std=DEIT3_CLS_TOKEN_STD)
+
     if schedule == "uniform" and args.drop_path > 0 and set_drop_path(model, args.drop_path) == 0:
         raise ConfigError(f"model '{name}' has no stochastic-depth slots to set uniformly: "
                           "pass --drop-path-schedule linear")
