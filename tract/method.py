@@ -10,9 +10,11 @@ input the layer saves anyway, so no activation memory is added and nothing runs 
 
 A Gram that is not numerically positive definite in float32 (a lambda far below its float32 resolution, constant
 images) makes the Cholesky factorisation fail; the result is then the float64 solution, recomputed from the rows
-(Gram and grad_z^T X both in float64) and solved by LU. Which of the two is used is decided on the device
-(``torch.where`` on the factorisation's ``info``): backward never reads a device value on the host, so it costs no
-synchronisation and a compiled graph keeps the fallback without a graph break.
+(Gram and grad_z^T X both in float64) and solved by LU. Eager, the factorisation's ``info`` is read on the host once
+per backward (the first layer's backward ends the backward pass, so the read waits for nothing else) and the
+float64 work is done only when it failed. Compiled, a graph cannot branch on a device value without a graph break,
+so both solutions are computed and ``torch.where`` picks one on the device: no break and no read, but the float64
+work every step.
 """
 from __future__ import annotations
 
@@ -266,10 +268,20 @@ class _TrActFunction(torch.autograd.Function):
                 # carries rounding that (G + lam I)^-1 amplifies by up to 1/lam.
                 fast, ok = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, False) if woodbury
                             else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, False))
-                safe, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
-                           if woodbury else
-                           _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
-                gw = torch.where(ok, fast, safe.to(fast.dtype))
+
+                def safe() -> Tensor:
+                    out, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
+                              if woodbury else
+                              _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
+                    return out.to(fast.dtype)
+
+                if torch.compiler.is_compiling():
+                    # A graph cannot branch on a device value without a break: both solutions, chosen on the device.
+                    # The float64 one then costs every step (slow on GPUs with little float64 throughput).
+                    gw = torch.where(ok, fast, safe())
+                else:
+                    # One host read, at the very end of the backward pass, instead of float64 work every step.
+                    gw = fast if bool(ok) else safe()
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
                 gb.to(b_dtype) if gb is not None else None, None, None, None)
