@@ -105,7 +105,9 @@ def main(argv=None) -> None:
                          prefetch_factor=args.prefetch_factor if workers > 0 else None)
     # The train loader is built per process (the sampler already shards), so it is NOT given to accelerator.prepare,
     # which would shard it a second time; batches are moved to the device in the loop.
-    train_loader = DataLoader(SeededBatches(train_set), batch_sampler=batches,
+    # Its own generator: making an iterator draws a seed, which must not come from the training RNG (a resumed run
+    # makes one more, for the skipping loader).
+    train_loader = DataLoader(SeededBatches(train_set), batch_sampler=batches, generator=torch.Generator(),
                               collate_fn=fast_collate if prefetcher else None, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, drop_last=False,
                             **loader_kwargs)

@@ -71,10 +71,12 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         how = "fused kernel"
     elif defaults.get("foreach"):
         how = "foreach (multi-tensor)"
-    elif "foreach" in defaults and defaults.get("foreach") is None:
+    elif cls.__module__.startswith("timm"):
+        how = "timm's single-tensor loop (timm has no fused version)"
+    elif "foreach" in defaults and defaults["foreach"] is None:
         how = "torch's default: foreach on CUDA, for-loop elsewhere"
     else:
-        how = "single-tensor loop (no fused version in timm)" if cls.__module__.startswith("timm") else "for-loop"
+        how = "for-loop"
     return f"{cls.__module__}.{cls.__name__}, {how}"
 
 
