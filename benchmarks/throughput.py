@@ -12,10 +12,10 @@ DataLoader (timm's PrefetchLoader on CUDA, as train.py): the framework's ceiling
   peak MB     peak resident memory of the training process (CPU) or peak CUDA memory allocated (GPU)
 
 Variants (one switch changed from ``base``): compile (--torchcompile, inductor), channels-last, no persistent
-workers, TrAct. Runs are interleaved (every variant and runner once per repetition); the table gives medians over
+workers, TrAct, and on the CPU the GPU input path (--prefetcher: uint8 from the workers, normalised in the loop). Runs are interleaved (every variant and runner once per repetition); the table gives medians over
 --reps and the ratios train.py / bare and variant / base.
 
-    .venv/bin/python benchmarks/throughput.py                        # CPU, a few minutes per repetition
+    .venv/bin/python benchmarks/throughput.py --threads 1            # CPU, a few minutes per repetition
     .venv/bin/python benchmarks/throughput.py --device cuda --amp bf16 --batch-size 256 --model-kwargs ...
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pathlib import Path
 START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"base": [], "compile": ["--torchcompile"], "channels-last": ["--channels-last"],
-            "no persistent workers": ["--no-persistent-workers"], "TrAct": ["--tract"]}
+            "no persistent workers": ["--no-persistent-workers"], "TrAct": ["--tract"],
+            "prefetcher on CPU": ["--prefetcher"]}
 
 
 def write_images(root: Path, per_class: int, size: int) -> None:
@@ -108,14 +109,15 @@ def run_bare(opts, data: Path, switches) -> list:
     device = torch.device(opts.device)
     mean, std = default_mean_std(3)
     on_gpu = device.type == "cuda"
+    prefetch = args.prefetcher if args.prefetcher is not None else on_gpu
     transform = build_transform(True, args.input_size, simple_random_crop=args.src, color_jitter=args.color_jitter,
-                                mean=mean, std=std, use_prefetcher=on_gpu)
+                                mean=mean, std=std, use_prefetcher=prefetch)
     dataset, classes = build_dataset("FOLDER", str(data), True, transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=on_gpu,
                                          persistent_workers=args.persistent_workers and args.num_workers > 0,
-                                         collate_fn=fast_collate if on_gpu else None)
-    if on_gpu:
+                                         collate_fn=fast_collate if prefetch else None)
+    if prefetch:
         loader = PrefetchLoader(loader, mean=mean, std=std, device=device)
     model, _ = build_model(args, classes, log=lambda _: None)
     if args.channels_last:
@@ -180,7 +182,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="updates of each epoch left out of the steady state")
     p.add_argument("--workers", type=int, default=1, help="loader workers")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (OMP_NUM_THREADS); None = torch's default. On a shared CPU, 1: "
+                        "threads that wait for a busy core make steps several times slower and erratic")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS)[:-1], choices=list(VARIANTS))
     p.add_argument("--runner", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -192,6 +197,8 @@ def main() -> None:
     env = dict(os.environ)
     if opts.device == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
+    if opts.threads:
+        env["OMP_NUM_THREADS"] = str(opts.threads)
     results = {(v, r): [] for v in opts.variants for r in ("train.py", "bare")}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -217,7 +224,8 @@ def main() -> None:
 
     print(f"\n{opts.reps} interleaved repetitions, medians; torch {torch.__version__}, device {opts.device}, "
           f"precision {opts.amp}, {opts.model} {' '.join(opts.model_kwargs)} at {opts.input_size} px, batch "
-          f"{opts.batch_size}, {opts.workers} loader worker(s), 2 epochs of {opts.updates} updates\n")
+          f"{opts.batch_size}, {opts.workers} loader worker(s), {opts.threads or 'default'} torch thread(s), "
+          f"2 epochs of {opts.updates} updates\n")
     print("| variant | train.py img/s | bare img/s | train.py / bare | vs base (train.py) | first step train.py / "
           "bare (s) | epoch gap train.py / bare (s) | peak MB train.py / bare |")
     print("|---|---|---|---|---|---|---|---|")
