@@ -12,8 +12,9 @@ DataLoader (timm's PrefetchLoader on CUDA, as train.py): the framework's ceiling
   peak MB     peak resident memory of the training process (CPU) or peak CUDA memory allocated (GPU)
 
 Variants (one switch changed from ``base``): compile (--torchcompile, inductor), channels-last, no persistent
-workers, TrAct, and on the CPU the GPU input path (--prefetcher: uint8 from the workers, normalised in the loop). Runs are interleaved (every variant and runner once per repetition); the table gives medians over
---reps and the ratios train.py / bare and variant / base.
+workers, TrAct, and on the CPU the GPU input path (--prefetcher: uint8 from the workers, normalised in the loop).
+Runs are interleaved (every variant and runner once per repetition); the table gives medians over --reps and the
+ratios train.py / bare and variant / base.
 
     .venv/bin/python benchmarks/throughput.py --threads 1            # CPU, a few minutes per repetition
     .venv/bin/python benchmarks/throughput.py --device cuda --amp bf16 --batch-size 256 --model-kwargs ...

@@ -5,8 +5,8 @@ tests/test_speed.py, launched as one process of a real multi-process run; not a 
 
 Counted: the torch.distributed collectives called from Python (DDP's gradient all-reduce runs in its C++ reducer and
 reads nothing back) and Tensor.item / tolist / bool / float / int, except in the loading of images, which a GPU run
-does in the loader workers on host tensors (here, with --num-workers 0, in the process itself). Each process writes COUNTS_DIR/rank-<r>.json:
-one {"collectives": n, "reads": n} per epoch.
+does in the loader workers on host tensors (here, with --num-workers 0, in the process itself). Each process writes
+COUNTS_DIR/rank-<r>.json: one {"collectives": n, "reads": n} per epoch.
 """
 import functools
 import json

@@ -1,7 +1,6 @@
 """The speed switches of issue 12: fused optimizers and --opt-kwargs, the uint8 input path normalised on the device,
 per-batch seeded augmentation (persistent workers, resume), torch.compile with TrAct, and the host syncs per update.
 """
-import argparse
 import json
 import random
 import subprocess
@@ -48,6 +47,25 @@ def test_opt_kwargs_reach_the_optimizer_and_a_bad_one_is_a_config_error():
         optimizer_for("--opt", "adamw", "--opt-kwargs", "no_such_option=1")
     with pytest.raises(SystemExit):
         parse_args(["--opt-kwargs", "fused"])
+
+
+def test_tf32_and_cudnn_benchmark_are_on_by_default_and_each_has_an_opt_out():
+    from tract.runtime import set_cuda_speed_flags
+
+    assert vars(parse_args([])).items() >= {"tf32": True, "cudnn_benchmark": True}.items()
+    assert vars(parse_args(["--no-tf32", "--no-cudnn-benchmark"])).items() >= {"tf32": False,
+                                                                               "cudnn_benchmark": False}.items()
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        set_cuda_speed_flags(True, True)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == ("high", True, True)
+        set_cuda_speed_flags(False, False)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == ("highest", False, False)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[1:]
 
 
 def picture(size=(41, 37), seed=0):

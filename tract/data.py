@@ -407,9 +407,9 @@ class RASampler(Sampler):
 class SeededBatchSampler(Sampler):
     """Batches of ``sampler`` whose items carry their batch's seed: ``[(seed, index), ...]`` (see ``SeededBatches``).
 
-    The seed is a function of (``seed``, ``rank``, epoch, batch position) only, so a batch gets the same augmentation whichever
-    worker loads it, whether the workers are new or persistent from earlier epochs, and after a resume that skips
-    the batches before it. Call ``set_epoch`` before each epoch (it is passed on to ``sampler``).
+    The seed is a function of (``seed``, ``rank``, epoch, batch position) only, so a batch gets the same augmentation
+    whichever worker loads it, whether the workers are new or persistent from earlier epochs, and after a resume that
+    skips the batches before it. Call ``set_epoch`` before each epoch (it is passed on to ``sampler``).
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool, seed: int, rank: int = 0):
