@@ -14,12 +14,14 @@ same one, ``checkpoints/last`` is written with the position inside the epoch, an
 """
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
+from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tract.checkpoint import TrainState, export_weights, load_checkpoint, repair_links, save_checkpoint
 from tract.config import ConfigError, parse_args, save_args
-from tract.data import RASampler, build_dataset, build_transform, check_dataset, default_mean_std
-from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate,
+from tract.data import (DeviceLoader, RASampler, SeededBatches, SeededBatchSampler, build_dataset, build_transform,
+                        check_dataset, default_mean_std)
+from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, describe_optimizer, evaluate,
                           train_one_epoch)
 from tract.models import build_model, count_parameters, plain_state_dict
 from tract.run_folder import place_run
@@ -30,7 +32,7 @@ from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_n
 def main(argv=None) -> None:
     """Parse, build, train, save; every user error is a ConfigError/DatasetError/WeightsError before any write."""
     args = parse_args(argv)
-    preemption = Preemption().install()  # before the first write: a signal during start-up still exits 75
+    preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
     place = None
     try:
         accelerator = build_accelerator(args)
@@ -44,12 +46,14 @@ def main(argv=None) -> None:
         # ---- data
         data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
         mean, std = default_mean_std(args.in_chans)
+        # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
+        prefetcher = args.prefetcher if args.prefetcher is not None else accelerator.device.type == "cuda"
         try:
             train_tf = build_transform(True, args.input_size, three_augment=args.three_augment,
                                        simple_random_crop=args.src, color_jitter=args.color_jitter,
                                        auto_augment=args.aa, reprob=args.reprob, remode=args.remode,
                                        recount=args.recount, mean=mean, std=std,
-                                       interpolation=args.train_interpolation)
+                                       interpolation=args.train_interpolation, use_prefetcher=prefetcher)
         except (AssertionError, KeyError, ValueError) as e:  # timm's policy parser asserts on what it cannot read
             if not args.aa:
                 raise
@@ -71,15 +75,22 @@ def main(argv=None) -> None:
             # Per-process shards seeded by (seed, epoch): a resumed run sees the same order as an uninterrupted one.
             sampler = DistributedSampler(train_set, world, accelerator.process_index, shuffle=True, seed=args.seed,
                                          drop_last=True)
+        # Augmentation seeded per batch from (seed, process, epoch, position): the same with persistent workers and
+        # after a resume that skips batches.
+        batches = SeededBatchSampler(sampler, args.batch_size, drop_last=True, seed=args.seed,
+                                     rank=accelerator.process_index)
         workers = args.num_workers if args.num_workers is not None else default_num_workers()
-        pin = args.pin_mem and torch.cuda.is_available()
+        loader_kwargs = dict(num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                             persistent_workers=args.persistent_workers and workers > 0,
+                             prefetch_factor=args.prefetch_factor if workers > 0 else None)
         # The train loader is built per process (the sampler already shards), so it is NOT given to
         # accelerator.prepare, which would shard it a second time; batches are moved to the device in the loop.
-        loader_rng = torch.Generator()  # seeds the workers; re-seeded every epoch, never dependent on RNG history
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-                                  pin_memory=pin, drop_last=True, generator=loader_rng)
-        val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, num_workers=workers,
-                                pin_memory=pin, drop_last=False)
+        # Its own generator: making an iterator draws a seed, which must not come from the training RNG (a resumed
+        # run makes one more, for the skipping loader).
+        train_loader = DataLoader(SeededBatches(train_set), batch_sampler=batches, generator=torch.Generator(),
+                                  collate_fn=fast_collate if prefetcher else None, **loader_kwargs)
+        val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, drop_last=False,
+                                **loader_kwargs)
         updates_per_epoch = min(len(train_loader) // args.accum_steps,
                                 args.max_updates_per_epoch or len(train_loader))
         if updates_per_epoch == 0:
@@ -89,10 +100,12 @@ def main(argv=None) -> None:
         # ---- model, optimizer, schedule, loss
         set_seed(args.seed)  # python, numpy and torch: the same init on every process, and with or without --tract
         model, tract_layer = build_model(args, num_classes, log=say)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
         n_parameters = count_parameters(model)
         global_batch = args.batch_size * world * args.accum_steps
         lr = args.lr if args.unscale_lr else args.lr * global_batch / 512  # DeiT's linear scaling rule
-        optimizer = build_optimizer(args, model, lr)
+        optimizer = build_optimizer(args, model, lr, device=accelerator.device)
         scheduler = build_scheduler(args, optimizer, updates_per_epoch)
         criterion = build_criterion(args, num_classes)
         mixup_fn = build_mixup(args, num_classes)
@@ -107,6 +120,20 @@ def main(argv=None) -> None:
             "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
             "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": output_dir,
             "resume": checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),
+            "optimizer implementation": describe_optimizer(optimizer),
+            "compile": (f"torch.compile, backend {args.torchcompile}, mode {args.torchcompile_mode or 'default'}"
+                        if args.torchcompile else "off (eager)"),
+            "channels last": "on" if args.channels_last else "off",
+            "input path": (f"uint8 from {workers} workers, normalised on {accelerator.device} one batch ahead "
+                           "(timm's PrefetchLoader)" if prefetcher else f"float32 normalised in {workers} workers") +
+                          (f", persistent, {args.prefetch_factor or 2} batches ahead per worker"
+                           if loader_kwargs["persistent_workers"] else ""),
+            "tf32, cudnn.benchmark": (f"{'on' if args.tf32 else 'off'}, {'on' if args.cudnn_benchmark else 'off'}"
+                                      if torch.cuda.is_available() else "n/a (no CUDA)"),
+            "host syncs": f"every {args.sync_interval} updates",
+            "evaluation": f"every {args.val_interval} epoch(s) and after the last",
+            "mid-epoch checkpoints": (f"every {args.checkpoint_interval_updates} updates"
+                                      if args.checkpoint_interval_updates else "off"),
         }
         for key, value in summary.items():
             say(f"  {key}: {value}")
@@ -119,6 +146,8 @@ def main(argv=None) -> None:
 
             ema = ModelEmaV3(model, decay=args.model_ema_decay,
                              device="cpu" if args.model_ema_force_cpu else accelerator.device)
+        if args.torchcompile:  # in place, after the EMA's copy: parameter names and state_dict keys stay timm's
+            model.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
         state = TrainState()
         set_seed(args.seed + accelerator.process_index)  # different augmentations and mixup on every process
@@ -130,7 +159,7 @@ def main(argv=None) -> None:
 
         progress = args.progress
         if args.eval:
-            stats = evaluate(model, val_loader, accelerator, progress=progress)
+            stats = evaluate(model, val_loader, accelerator, channels_last=args.channels_last, progress=progress)
             say(f"eval on {len(val_set)} images: acc1 {stats['acc1']:.2f}%  acc5 {stats['acc5']:.2f}%  "
                 f"loss {stats['loss']:.4f}")
             return
@@ -141,24 +170,26 @@ def main(argv=None) -> None:
                          resume_epoch=state.epoch if checkpoint or place.continues else None)
 
         def evaluate_and_log(epoch: int, train_stats: dict) -> None:
-            """Evaluate the model after ``epoch``, log the epoch, and point ``best`` at it when it is the best."""
+            """Evaluate the model after ``epoch`` (if --val-interval says so), log the epoch, repoint ``best``."""
+            stats, evaluated = dict(train_stats), (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs
             # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same
             # whether or not an evaluation ran in between (a resume may or may not have to redo one).
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                test_stats = evaluate(model, val_loader, accelerator, progress=progress)
-                stats = {**train_stats, **{f"test_{k}": v for k, v in test_stats.items()}}
-                if ema is not None and args.model_ema_eval:
-                    stats.update({f"test_ema_{k}": v for k, v in evaluate(ema.module, val_loader, accelerator,
-                                                                          progress=progress).items()})
-            if test_stats["acc1"] > state.best_acc1:
-                state.best_acc1, state.best_epoch = test_stats["acc1"], epoch
+                for prefix, net in (("test", model), ("test_ema", ema.module if ema is not None else None)):
+                    if evaluated and net is not None and (prefix == "test" or args.model_ema_eval):
+                        stats.update({f"{prefix}_{k}": v for k, v in evaluate(
+                            net, val_loader, accelerator, channels_last=args.channels_last, progress=progress).items()})
+            if evaluated and stats["test_acc1"] > state.best_acc1:
+                state.best_acc1, state.best_epoch = stats["test_acc1"], epoch
                 if accelerator.is_main_process:
                     repair_links(checkpoints, state)
             run_log.write({"epoch": epoch, **stats, "n_parameters": n_parameters})
             state.pending = {}
-            say(f"epoch {epoch}: train_loss {stats['train_loss']:.4f}  test_acc1 {stats['test_acc1']:.2f}%  "
-                f"test_acc5 {stats['test_acc5']:.2f}%  ({stats['epoch_time']:.0f} s, "
-                f"{stats['images_per_sec']:.0f} img/s)  best {state.best_acc1:.2f}%")
+            tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
+                      else "not evaluated (--val-interval)")
+            say(f"epoch {epoch}: train_loss {stats['train_loss']:.4f}  {tested}  ({stats['epoch_time']:.0f} s, "
+                f"{stats['images_per_sec']:.0f} img/s)  best " +
+                (f"{state.best_acc1:.2f}%" if state.best_acc1 >= 0 else "none yet"))
 
         if checkpoint is not None:  # the log is the record of evaluations: take the best from it, finish a pending one
             logged = [run_log.has(state.epoch - 1)] if accelerator.is_main_process else [None]
@@ -176,23 +207,33 @@ def main(argv=None) -> None:
             say(f"preempted {where}: exiting with {EXIT_REQUEUE} (resume with --resume {output_dir})")
             raise SystemExit(EXIT_REQUEUE)
 
+        def after_update():
+            """The checkpoint every --checkpoint-interval-updates, written as preemption writes it."""
+            if args.checkpoint_interval_updates and state.num_updates % args.checkpoint_interval_updates == 0:
+                save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
+
+        def on_device(loader):  # built once per loader: PrefetchLoader keeps one CUDA stream for its lifetime
+            return DeviceLoader(loader, mean, std, accelerator.device, reprob=args.reprob, remode=args.remode,
+                                recount=args.recount) if prefetcher else loader
+
         if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
             stop_now("before training started")
+        epoch_loader = on_device(train_loader)
         try:
             for epoch in range(state.epoch, args.epochs):
-                sampler.set_epoch(epoch)
-                loader_rng.manual_seed(args.seed + 1_000_003 * epoch + accelerator.process_index)
-                loader = train_loader
+                batches.set_epoch(epoch)
+                loader = epoch_loader
                 if state.update_in_epoch:  # resumed inside the epoch: skip the batches already seen, unloaded
                     from accelerate import skip_first_batches
 
-                    loader = skip_first_batches(train_loader, state.update_in_epoch * args.accum_steps)
+                    loader = on_device(skip_first_batches(train_loader, state.update_in_epoch * args.accum_steps))
                 try:
-                    train_stats = train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator, state,
-                                                  updates_per_epoch, mixup_fn=mixup_fn, ema=ema,
-                                                  clip_grad=args.clip_grad,
-                                                  should_stop=lambda: preemption.should_stop(accelerator),
-                                                  progress=progress)
+                    train_stats = train_one_epoch(
+                        model, loader, optimizer, scheduler, criterion, accelerator, state, updates_per_epoch,
+                        mixup_fn=mixup_fn, ema=ema, clip_grad=args.clip_grad,
+                        should_stop=lambda: preemption.should_stop(accelerator, state.update_in_epoch),
+                        after_update=after_update, channels_last=args.channels_last,
+                        sync_interval=args.sync_interval, progress=progress)
                 except FloatingPointError as e:
                     last = checkpoints / "last"
                     good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "no checkpoint"

@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+def parse_model_kwargs(items: Sequence[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
     """Turn ``k=v`` strings into a dict, values read as Python literals (``4``, ``1e-4``, ``True``, ``'avg'``)."""
     import ast
 
@@ -53,7 +53,7 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ConfigError(f"--model-kwargs expects key=value pairs, got {item!r} (e.g. patch_size=4)")
+            raise ConfigError(f"{flag} expects key=value pairs, got {item!r} (e.g. {flag} name=4)")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -64,7 +64,7 @@ def parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 class _ModelKwargs(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         try:
-            setattr(namespace, self.dest, parse_model_kwargs(values))
+            setattr(namespace, self.dest, parse_model_kwargs(values, option_string))
         except ConfigError as e:
             parser.error(str(e))
 
@@ -97,6 +97,14 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="data loader workers per process; None = min(10, CPUs per process)")
     g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action=bool_flag, default=True,
                    help="pin host memory of batches (faster host-to-GPU copies)")
+    g.add_argument("--prefetcher", action=bool_flag, default=None,
+                   help="timm's PrefetchLoader for training: workers hand over uint8, the next batch is copied on a "
+                        "side stream and normalised (random erasing too) on the device; None = on with CUDA, off on "
+                        "the CPU (measured slower there: README, Speed)")
+    g.add_argument("--persistent-workers", action=bool_flag, default=True,
+                   help="keep the loader workers alive between epochs (with --num-workers > 0)")
+    g.add_argument("--prefetch-factor", type=int, default=None,
+                   help="batches each loader worker prepares ahead; None = torch's 2")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_pico_convstem_28",
@@ -112,6 +120,12 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--layer-scale-init", type=float, default=None,
                    help="LayerScale init value; None = 1e-4 for DeiT III models, the timm model's own otherwise")
     g.add_argument("--finetune", default=None, metavar="WEIGHTS", help="start from these weights (finetune.py)")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (TrAct included) with this backend (timm's flag; alone: inductor)")
+    g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode, e.g. max-autotune; None = torch's default")
+    g.add_argument("--channels-last", action=bool_flag, default=False,
+                   help="model and batches in channels-last memory format (timm's flag; for conv layers on GPUs)")
 
     g = p.add_argument_group("TrAct")
     g.add_argument("--tract", action=bool_flag, default=False, help="train the first layer with TrAct")
@@ -126,6 +140,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--opt-eps", type=float, default=None,
                    help="optimizer epsilon; None = DeiT's 1e-8 for DeiT III models, the optimizer's otherwise")
     g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas; None = the optimizer's")
+    g.add_argument("--opt-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="K=V",
+                   help="extra optimizer keyword arguments, values as Python literals (e.g. fused=True)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay (none on 1-D params)")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm; None = off")
@@ -195,6 +211,16 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="None = the launcher's setting (accelerate config / launch flag)")
     g.add_argument("--dist-timeout", type=float, default=60.0, help="process-group timeout in minutes")
+    g.add_argument("--tf32", action=bool_flag, default=True,
+                   help="on CUDA, float32 matmuls and convolutions in TF32 (as timm's train.py)")
+    g.add_argument("--cudnn-benchmark", action=bool_flag, default=True,
+                   help="on CUDA, let cuDNN pick the fastest convolution algorithms (as timm's train.py)")
+    g.add_argument("--sync-interval", type=int, default=20,
+                   help="optimizer updates between the loop's host syncs: loss check, progress bar and the "
+                        "processes' agreement on a preemption signal")
+    g.add_argument("--val-interval", type=int, default=1, help="evaluate every N epochs, and after the last")
+    g.add_argument("--checkpoint-interval-updates", type=int, default=None, metavar="N",
+                   help="also checkpoint every N optimizer updates inside an epoch (as preemption does); None = off")
     g.add_argument("--progress", action=bool_flag, default=True, help="tqdm bar (only on a terminal)")
     g.add_argument("--checkpoint-hist", type=int, default=1, help="newest epoch checkpoints kept besides best")
     g.add_argument("--max-updates-per-epoch", type=int, default=None,
@@ -303,7 +329,8 @@ def validate_args(args: argparse.Namespace) -> None:
     """Reject values that cannot work, before anything is built or written; each message says the fix."""
     positive = {"batch_size": "--batch-size", "epochs": "--epochs", "accum_steps": "--accum-steps",
                 "input_size": "--input-size", "in_chans": "--in-chans", "dist_timeout": "--dist-timeout",
-                "checkpoint_hist": "--checkpoint-hist"}
+                "checkpoint_hist": "--checkpoint-hist", "sync_interval": "--sync-interval",
+                "val_interval": "--val-interval"}
     for key, flag in positive.items():
         if not getattr(args, key) > 0:
             raise ConfigError(f"{flag} must be > 0, got {getattr(args, key)}")
@@ -359,6 +386,15 @@ def validate_args(args: argparse.Namespace) -> None:
               "learning rate never leaves its warmup", file=sys.stderr)
     if args.max_updates_per_epoch is not None and args.max_updates_per_epoch <= 0:
         raise ConfigError(f"--max-updates-per-epoch must be > 0, got {args.max_updates_per_epoch}")
+    for key in ("checkpoint_interval_updates", "prefetch_factor"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if args.torchcompile is not None:
+        import torch
+
+        if args.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"--torchcompile {args.torchcompile}: unknown backend; torch has "
+                              f"{', '.join(torch._dynamo.list_backends())}")
     if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.three_augment and args.aa:

@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset",
-           "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX"]
+           "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
+           "SeededBatches", "DeviceLoader"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -323,7 +324,7 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
                     color_jitter: Optional[float] = 0.3, auto_augment: Optional[str] = None, reprob: float = 0.0,
                     remode: str = "pixel", recount: int = 1, eval_crop_ratio: float = 0.875,
                     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                    interpolation: str = "bicubic") -> Callable:
+                    interpolation: str = "bicubic", use_prefetcher: bool = False) -> Callable:
     """DeiT III's image transform, built by timm's ``create_transform``.
 
     Train: RandomResizedCrop(scale (0.08, 1)) + horizontal flip, or with ``simple_random_crop`` DeiT's ``--src``
@@ -332,6 +333,9 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     (timm drops colour jitter under RandAugment); normalise; random erasing with probability ``reprob``.
     Eval: Resize(int(input_size / eval_crop_ratio)) + CenterCrop(input_size) + normalise. ``mean``/``std`` have one
     value per input channel (length 1 for ``in_chans=1``).
+
+    ``use_prefetcher`` (timm's meaning): the transform ends in a uint8 CHW tensor, without normalisation and random
+    erasing, which ``DeviceLoader`` does on the device.
     """
     from timm.data import create_transform
     from torchvision import transforms
@@ -339,13 +343,13 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     mean, std = tuple(mean), tuple(std)
     if not train:
         return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio, interpolation=interpolation,
-                                mean=mean, std=std)
+                                mean=mean, std=std, use_prefetcher=use_prefetcher)
     if three_augment and auto_augment:
         raise ValueError(f"three_augment replaces auto_augment={auto_augment!r}: pass one of them, not both")
     primary, secondary, final = create_transform(
         input_size, is_training=True, scale=(0.08, 1.0), hflip=0.5, color_jitter=color_jitter,
         auto_augment="3a" if three_augment else auto_augment, interpolation=interpolation, mean=mean, std=std,
-        re_prob=reprob, re_mode=remode, re_count=recount, separate=True)
+        re_prob=reprob, re_mode=remode, re_count=recount, separate=True, use_prefetcher=use_prefetcher)
     _keep_zero_bit_posterize(secondary.transforms)
     if simple_random_crop:
         from timm.data.transforms import str_to_interp_mode
@@ -422,3 +426,91 @@ class RASampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Pick the shuffle of this epoch (the order is a function of seed + epoch)."""
         self.epoch = epoch
+
+
+class SeededBatchSampler(Sampler):
+    """Batches of ``sampler`` whose items carry their batch's seed: ``[(seed, index), ...]`` (see ``SeededBatches``).
+
+    The seed is a function of (``seed``, ``rank``, epoch, batch position) only, so a batch gets the same augmentation
+    whichever worker loads it, whether the workers are new or persistent from earlier epochs, and after a resume that
+    skips the batches before it. Call ``set_epoch`` before each epoch (it is passed on to ``sampler``).
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool, seed: int, rank: int = 0):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the order (the sampler's) and the augmentation seeds of this epoch."""
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        batches = torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last)
+        for position, batch in enumerate(batches):
+            seed = int(np.random.SeedSequence([self.seed, self.rank, self.epoch, position]).generate_state(1)[0])
+            yield [(seed, i) for i in batch]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class SeededBatches(Dataset):
+    """Wraps a dataset for ``SeededBatchSampler``: seeds python, numpy and torch from the batch's seed, then loads it.
+
+    In the main process (``num_workers=0``) the global RNG states are put back afterwards, so training's own random
+    numbers (mixup, dropout) do not depend on the data loading.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Tuple[int, int]]) -> list:
+        import random
+
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        seed = keys[0][0]
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        try:
+            return [self.dataset[i] for _, i in keys]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class DeviceLoader:
+    """timm's PrefetchLoader (the next uint8 batch copied on a side stream, normalised there, one batch ahead) with
+    random erasing done on the device as each batch is taken.
+
+    Erasing at take time, not in the prefetch as timm does, keeps its random numbers in the order of the updates, so
+    a checkpoint written after update k holds the RNG state the erasing of batch k + 1 starts from (bitwise resume).
+    """
+
+    def __init__(self, loader, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 reprob: float = 0.0, remode: str = "pixel", recount: int = 1):
+        from timm.data.loader import PrefetchLoader
+        from timm.data.random_erasing import RandomErasing
+
+        self.loader = loader
+        self.prefetch = PrefetchLoader(loader, mean=tuple(mean), std=tuple(std), channels=len(mean), device=device)
+        self.erase = RandomErasing(reprob, mode=remode, max_count=recount, device=device) if reprob > 0 else None
+
+    def __iter__(self):
+        for samples, targets in self.prefetch:
+            yield (self.erase(samples) if self.erase is not None else samples), targets
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -1,9 +1,11 @@
-"""Process setup: the Accelerator (precision, process-group timeout), data-loader workers, preemption signals, and
-how the scripts end on a user error.
+"""Process setup: the Accelerator (precision, process-group timeout, CUDA speed flags), data-loader workers,
+preemption signals, and how the scripts end on a user error.
 
 Preemption contract (SLURM's ``--signal``, ``scancel --signal``, a cluster's SIGTERM before a kill): on SIGUSR1 or
-SIGTERM a process only raises a flag. The training loop checks it after every optimizer update with one all-reduce,
-so every process stops after the same update; train.py then writes the ``last`` checkpoint (with the position inside
+SIGTERM a process only raises a flag. The training loop asks ``should_stop`` after every optimizer update; in a
+multi-process run the processes agree by one all-reduce, and read its result on the host, only every ``interval``
+updates (``--sync-interval``), so that they stop after the same update without a device sync per update; a
+single process stops after the next update. train.py then writes the ``last`` checkpoint (with the position inside
 the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update.
 """
 import argparse
@@ -18,7 +20,8 @@ from tract.config import ConfigError, first_process_on_machine
 from tract.data import DatasetError
 from tract.weights import WeightsError
 
-__all__ = ["EXIT_REQUEUE", "requested_precision", "check_precision", "build_accelerator", "default_num_workers",
+__all__ = ["EXIT_REQUEUE", "requested_precision", "check_precision", "set_cuda_speed_flags", "build_accelerator",
+           "default_num_workers",
            "Preemption", "run_cli"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
@@ -40,15 +43,25 @@ def check_precision(precision: str) -> None:
                           "use --mixed-precision fp16 (the *_v100x8.yaml configs do)")
 
 
+def set_cuda_speed_flags(tf32: bool, cudnn_benchmark: bool) -> None:
+    """timm's train.py settings: TF32 float32 matmuls/convolutions, cuDNN autotuning (no-ops without CUDA)."""
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
 def build_accelerator(args: argparse.Namespace):
     """Create the Accelerator: gradient accumulation, the process-group timeout, and precision only if asked.
 
     An explicit mixed_precision would override the launcher's setting, so it is passed only when the user set one.
+    On CUDA, TF32 and cuDNN autotuning are set as ``--tf32`` / ``--cudnn-benchmark`` say.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     check_precision(requested_precision(args))
+    if torch.cuda.is_available():
+        set_cuda_speed_flags(args.tf32, args.cudnn_benchmark)
     kwargs = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
     # Generous: while rank 0 alone evaluates or saves, the other ranks wait in a collective.
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
@@ -63,12 +76,17 @@ def default_num_workers() -> int:
 
 
 class Preemption:
-    """Turns SIGUSR1/SIGTERM into a flag that all processes agree on at the same optimizer update."""
+    """Turns SIGUSR1/SIGTERM into a flag that all processes agree on at the same optimizer update.
+
+    ``interval``: in a multi-process run the agreement (an all-reduce and a host read) happens at updates that are
+    multiples of it, or whenever ``should_stop`` is asked without an update number.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, interval: int = 1):
         self.requested = False
+        self.interval = interval
         self._previous = {}
 
     def install(self) -> "Preemption":
@@ -86,10 +104,14 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self, accelerator) -> bool:
-        """True on every process once any process got a signal: one tiny all-reduce when distributed."""
+    def should_stop(self, accelerator, update: Optional[int] = None) -> bool:
+        """True on every process once any process got a signal: one tiny all-reduce when distributed, made only at
+        ``update``s that are multiples of ``interval`` (the same updates on every process) or when ``update`` is None.
+        """
         if accelerator.num_processes == 1:
             return self.requested
+        if update is not None and update % self.interval:
+            return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
