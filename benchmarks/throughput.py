@@ -36,7 +36,7 @@ START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"base": [], "compile": ["--torchcompile"], "channels-last": ["--channels-last"],
             "no persistent workers": ["--no-persistent-workers"], "TrAct": ["--tract"],
-            "prefetcher on CPU": ["--prefetcher"]}
+            "compile + TrAct": ["--torchcompile", "--tract"], "prefetcher on CPU": ["--prefetcher"]}
 
 
 def write_images(root: Path, per_class: int, size: int) -> None:
