@@ -591,3 +591,25 @@ def test_eager_backward_reads_one_value_on_the_host_and_works_in_float64_only_wh
     assert mode.reads == 1
     assert (mode.float64_ops > 0) == (images == "constant")
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_the_gram_is_built_in_full_float32_whatever_the_matmul_precision(monkeypatch):
+    import tract.method as method
+
+    seen = []
+    add_gram = method._add_gram
+
+    def recording(gram, rows):
+        seen.append(torch.get_float32_matmul_precision())
+        return add_gram(gram, rows)
+
+    monkeypatch.setattr(method, "_add_gram", recording)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed, as train.py sets it on CUDA
+    try:
+        layer = TrAct(nn.Conv2d(3, 8, 4, stride=4), 0.1)
+        layer(torch.rand(4, 3, 16, 16)).sum().backward()
+        assert seen and set(seen) == {"highest"}
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.set_float32_matmul_precision(previous)

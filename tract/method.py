@@ -18,6 +18,7 @@ work every step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -210,6 +211,48 @@ def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: T
     return gx, gw, gb
 
 
+@contextlib.contextmanager
+def _full_float32():
+    """Full float32 for TrAct's own products in eager mode, whatever the matmul precision (train.py, like timm, lets
+    float32 matmuls use TF32 on Ampere+ GPUs): with TF32's 10-bit mantissa the Gram's rounding would be far above
+    lambda's 0.1 and the Cholesky solve would no longer be TrAct's. A compiled graph keeps the precision it was
+    compiled with."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _tract_weight_grad(ctx, grad_z: Tensor, x: Tensor, weight: Tensor, geo: Optional[_Geometry],
+                       gw: Optional[Tensor], woodbury: bool, sync: bool) -> Tensor:
+    """TrAct's weight gradient from the saved input and grad_z (``gw``: the ordinary one, when already computed)."""
+    grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])
+    # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    # The fallback (float64, LU) recomputes grad_z^T X too: the fast path's float32 ordinary gradient
+    # carries rounding that (G + lam I)^-1 amplifies by up to 1/lam.
+    fast, ok = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, False) if woodbury
+                else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, False))
+
+    def safe() -> Tensor:
+        out, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
+                  if woodbury else
+                  _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
+        return out.to(fast.dtype)
+
+    if torch.compiler.is_compiling():
+        # A graph cannot branch on a device value without a break: both solutions, chosen on the device.
+        # The float64 one then costs every step (slow on GPUs with little float64 throughput).
+        return torch.where(ok, fast, safe())
+    # One host read, at the very end of the backward pass, instead of float64 work every step.
+    return fast if bool(ok) else safe()
+
+
 class _TrActFunction(torch.autograd.Function):
     """The layer's own functional forward; backward with the TrAct weight gradient."""
 
@@ -261,27 +304,8 @@ class _TrActFunction(torch.autograd.Function):
                     # where one reduction over all but dim 1 is about 15x slower on the strided ones.
                     gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
             if need_w:
-                grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])
-                # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
-                dtype = torch.promote_types(x.dtype, torch.float32)
-                # The fallback (float64, LU) recomputes grad_z^T X too: the fast path's float32 ordinary gradient
-                # carries rounding that (G + lam I)^-1 amplifies by up to 1/lam.
-                fast, ok = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, False) if woodbury
-                            else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, False))
-
-                def safe() -> Tensor:
-                    out, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
-                              if woodbury else
-                              _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
-                    return out.to(fast.dtype)
-
-                if torch.compiler.is_compiling():
-                    # A graph cannot branch on a device value without a break: both solutions, chosen on the device.
-                    # The float64 one then costs every step (slow on GPUs with little float64 throughput).
-                    gw = torch.where(ok, fast, safe())
-                else:
-                    # One host read, at the very end of the backward pass, instead of float64 work every step.
-                    gw = fast if bool(ok) else safe()
+                with _full_float32():
+                    gw = _tract_weight_grad(ctx, grad_z, x, weight, geo, gw, woodbury, sync)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
                 gb.to(b_dtype) if gb is not None else None, None, None, None)
