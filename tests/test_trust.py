@@ -269,21 +269,26 @@ def test_a_lock_is_released_by_the_os_when_its_holder_is_killed(tmp_path):
 
 # ---- no dead ends -------------------------------------------------------------------------------------------------
 
-def test_sigterm_during_start_up_exits_75_and_resume_of_the_folder_runs_from_the_start(tiny_imagefolder, tmp_path,
-                                                                                     monkeypatch, capsys):
-    out = tmp_path / "run"
+def signal_during_start_up(monkeypatch, sig) -> None:
+    """train.py's start-up (building its datasets) receives ``sig``, as from a cluster; monkeypatch.undo() ends it."""
     build = train.build_dataset
 
     def build_and_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         return build(*args, **kwargs)
 
     monkeypatch.setattr(train, "build_dataset", build_and_signal)
+
+
+def test_sigterm_during_start_up_exits_75_and_resume_of_the_folder_runs_from_the_start(tiny_imagefolder, tmp_path,
+                                                                                     monkeypatch, capsys):
+    out = tmp_path / "run"
+    signal_during_start_up(monkeypatch, signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, out))
     assert e.value.code == EXIT_REQUEUE
     assert f"resume with --resume {out}" in capsys.readouterr().out
-    monkeypatch.setattr(train, "build_dataset", build)
+    monkeypatch.undo()
     train.main(tiny_run(tiny_imagefolder, out, "--resume", str(out)))
     assert (out / "model.safetensors").is_file() and len(log_lines(out)) == 1
 
@@ -479,19 +484,12 @@ def test_a_finetune_stopped_before_its_first_checkpoint_resumes_from_its_pretrai
     data = argv[argv.index("--data-path") + 1]
     out = tmp_path / "ft"
     command = ["--finetune", str(pretrained), "--data-set", "FOLDER", "--data-path", data, "--input-size", "32",
-               "--batch-size", "4",
-               "--epochs", "1", "--num-workers", "0", "--no-progress", "--output-dir", str(out)]
-    build = train.build_dataset
-
-    def build_and_signal(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGUSR1)
-        return build(*args, **kwargs)
-
-    monkeypatch.setattr(train, "build_dataset", build_and_signal)
+               "--batch-size", "4", "--epochs", "1", "--num-workers", "0", "--no-progress", "--output-dir", str(out)]
+    signal_during_start_up(monkeypatch, signal.SIGUSR1)
     with pytest.raises(SystemExit) as e:
         finetune.main(command)
     assert e.value.code == EXIT_REQUEUE
-    monkeypatch.setattr(train, "build_dataset", build)
+    monkeypatch.undo()
     capsys.readouterr()
     # what a requeued SLURM job runs: the same command with --resume instead of --finetune; the run's args.yaml has them
     finetune.main([*command[2:], "--resume", str(out)])
