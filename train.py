@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     # ---- data
     data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
     mean, std = default_mean_std(args.in_chans)
+    mean, std = args.mean or mean, args.std or std
     train_tf = build_transform(True, args.input_size, three_augment=args.three_augment, simple_random_crop=args.src,
                                color_jitter=args.color_jitter, auto_augment=args.aa, reprob=args.reprob,
                                remode=args.remode, recount=args.recount, mean=mean, std=std,
