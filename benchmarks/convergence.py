@@ -31,7 +31,7 @@ The protocol, fixed before any result was looked at (the README states it too):
   budget resampled independently, 2000 times).
 - Studies, in the order they run (so a cut-short run still has the most important part): ``main`` (ViT, Adam, 5
   seeds), ``ablation`` (ViT, Adam, inputs in [0, 1] and [0, 255] without standardisation, paper Fig. 8, budget 2, 3
-  seeds), ``sgd`` (ViT, SGD, 3 seeds), ``lambda`` (lambda sweep 0.0125 ... 1.6, paper Fig. 6, budget 2, 3 seeds),
+  seeds), ``lambda`` (lambda sweep 0.0125 ... 1.6, paper Fig. 6, budget 2, 3 seeds), ``sgd`` (ViT, SGD, 3 seeds),
   ``resnet`` (ResNet-18 CIFAR stem, Adam and SGD, 3 seeds; off unless ``--resnet``: too slow for 2 CPU cores).
 """
 import argparse
@@ -203,7 +203,6 @@ GRID_SEEDS = (0, 1)
 def plan(cfg: argparse.Namespace, rows: List[dict]) -> List[Tuple[str, Run]]:
     """Every (study, run) of the protocol that can be planned with the results so far, in running order."""
     runs: List[Tuple[str, Run]] = []
-    sweep: List[Tuple[str, Run]] = []  # the lambda sweep runs last
     top = max(cfg.budgets)
     settings = [("vit", "adam", "main", cfg.seeds), ("vit", "sgd", "sgd", cfg.seeds[:cfg.other_seeds])]
     if cfg.resnet:
@@ -227,9 +226,9 @@ def plan(cfg: argparse.Namespace, rows: List[dict]) -> List[Tuple[str, Run]]:
                 runs += [("ablation", Run(model, opt, lr, inputs, lam, cfg.side_budget, s)) for s in side
                          for inputs in ("[0,1]", "[0,255]") for lam in (0.0, *cfg.lambdas)]
             if "lambda" in cfg.studies:
-                sweep += [("lambda", Run(model, opt, lr, "standardised", lam, cfg.side_budget, s)) for s in side
+                runs += [("lambda", Run(model, opt, lr, "standardised", lam, cfg.side_budget, s)) for s in side
                          for lam in (0.0, *cfg.sweep)]
-    return runs + sweep
+    return runs
 
 
 def load_rows(path: Path) -> List[dict]:
