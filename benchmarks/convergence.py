@@ -147,6 +147,11 @@ def speedup(budgets: Sequence[float], base_means: Sequence[float], tract_means: 
     return budgets[-1] / e_star if e_star else 0.0
 
 
+def interval(samples) -> Tuple[float, float]:
+    """The 95% percentile interval, ends taken from the samples (no interpolation: "not reached" is 0, not a rate)."""
+    return (float(np.percentile(samples, 2.5, method="lower")), float(np.percentile(samples, 97.5, method="higher")))
+
+
 def bootstrap(base: Dict[int, List[float]], tract: Dict[int, List[float]], n_boot: int = 2000, seed: int = 0
               ) -> dict:
     """Speedup and TrAct - vanilla per budget, with 95% intervals from resampling the seeds of every arm and budget.
@@ -168,10 +173,10 @@ def bootstrap(base: Dict[int, List[float]], tract: Dict[int, List[float]], n_boo
     return {
         "budgets": budgets,
         "speedup": speedup(budgets, means(base), means(tract)),
-        "speedup_ci": tuple(float(v) for v in np.percentile(boot_speed, [2.5, 97.5])),
+        "speedup_ci": interval(boot_speed),
         "bound": bound,
-        "diff": {b: (float(np.mean(tract[b]) - np.mean(base[b])), float(np.percentile(boot_diff[:, i], 2.5)),
-                     float(np.percentile(boot_diff[:, i], 97.5))) for i, b in enumerate(budgets)},
+        "diff": {b: (float(np.mean(tract[b]) - np.mean(base[b])), *interval(boot_diff[:, i]))
+                 for i, b in enumerate(budgets)},
     }
 
 
@@ -470,6 +475,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="skip the grid: the learning rate of an optimizer, e.g. adam=0.001")
     p.add_argument("--updates-per-epoch", type=int, default=None, help="updates per epoch (full: 50; 0 = all)")
     p.add_argument("--in-chans", type=int, default=1, help="input channels (1: Fashion-MNIST as grayscale)")
+    p.add_argument("--report-only", action="store_true", help="tables and plots from results.csv, no runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
@@ -496,7 +502,7 @@ def main(argv=None) -> None:
     cfg = get_args(argv)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"convergence benchmark: {cfg.out_dir} (rerun the same command to continue an interrupted run)", flush=True)
-    rows = execute(cfg)
+    rows = load_rows(cfg.out_dir / "results.csv") if cfg.report_only else execute(cfg)
     text = report(rows, n_boot=cfg.n_boot)
     (cfg.out_dir / "results.md").write_text(text + "\n")
     print(text)

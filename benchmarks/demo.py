@@ -9,6 +9,7 @@ the one benchmarks/convergence.py measured (docs/results/): see the README's "Re
 """
 import argparse
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List
@@ -73,18 +74,20 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the benchmark's grid choice)")
     p.add_argument("--inputs", default="standardised", choices=["standardised", "[0,1]", "[0,255]"])
     p.add_argument("--lam", type=float, default=0.1, help="TrAct's lambda")
-    p.add_argument("--epochs", type=int, default=8, help="epoch budget (one cosine schedule)")
+    p.add_argument("--epochs", type=int, default=4, help="epoch budget (one cosine schedule)")
     p.add_argument("--updates-per-epoch", type=int, default=50, help="updates of 128 images per epoch (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs")
     p.add_argument("--in-chans", type=int, default=1, help="input channels (1: Fashion-MNIST as grayscale)")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "output" / "demo", help="run folders and the plot")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="run folders, table and plot; default output/demo/<YYYYmmdd-HHMMSS>")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="the rest goes to both train.py runs")
     cfg = p.parse_args(argv)
+    cfg.out_dir = cfg.out_dir or ROOT / "output" / "demo" / time.strftime("%Y%m%d-%H%M%S")
 
     runs = [Run(cfg.model, cfg.opt, cfg.lr, cfg.inputs, lam, cfg.epochs, cfg.seed) for lam in (0.0, cfg.lam)]
     folders = [cfg.out_dir / run.name() for run in runs]
     if any(f.exists() for f in folders):
-        raise SystemExit(f"demo.py: {cfg.out_dir} already holds these runs: delete it or pass another --out-dir")
+        raise SystemExit(f"demo.py: {cfg.out_dir} already holds these runs: pass another --out-dir")
     cmds = [train_command(run, cfg.updates_per_epoch or None, cfg.in_chans, cfg.train_args, folder)
             for run, folder in zip(runs, folders)]
     print("TrAct side by side, both in parallel, one CPU thread each:")
