@@ -413,16 +413,19 @@ def plot(rows: List[dict], out_dir: Path) -> List[Path]:
         fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
         for ax, (model, opt, lr) in zip(axes[0], settings):
             data = collect(rows, model=model, opt=opt, lr=lr, inputs="standardised")
-            for lam in sorted(data):
+            for i, lam in enumerate(sorted(data)):
                 budgets = sorted(data[lam])
-                ax.errorbar(budgets, [np.mean(data[lam][b]) for b in budgets],
+                dodge = 1 + 0.03 * (i - len(data) / 2)  # keeps the error bars apart on the log axis
+                ax.errorbar([b * dodge for b in budgets], [np.mean(data[lam][b]) for b in budgets],
                             yerr=[np.std(data[lam][b], ddof=1) if len(data[lam][b]) > 1 else 0 for b in budgets],
                             fmt="o--" if lam == 0 else "o-", color="black" if lam == 0 else colors.get(lam),
                             capsize=3, label=f"{opt} | vanilla" if lam == 0 else f"{opt} | TrAct (λ={lam:g})")
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({b for d in data.values() for b in d}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.set(xlabel="epochs (budget, each its own run)", ylabel="test top-1 (%)",
+            upe = {r["updates_per_epoch"] for r in rows if r["model"] == model and r["opt"] == opt}
+            ax.set(xlabel=f"epoch budget, each its own run ({'/'.join(map(str, upe))} updates per epoch)",
+                   ylabel="test top-1 (%)",
                    title=f"{model}, {opt}, lr {lr:.3g}")
             ax.legend()
         fig.tight_layout()
