@@ -327,9 +327,9 @@ def side_rows(rows: List[dict], study: str) -> List[dict]:
     own = [r for r in rows if r["study"] == study]
     if not own:
         return []
-    ref = own[0]
+    ref, seeds = own[0], {r["seed"] for r in own}  # the study's seeds: every point of the figure on the same ones
     part = [r for r in rows if (r["model"], r["opt"], r["budget"]) == (ref["model"], ref["opt"], ref["budget"])
-            and math.isclose(r["lr"], ref["lr"])]
+            and math.isclose(r["lr"], ref["lr"]) and r["seed"] in seeds]
     if study == "lambda":
         return [r for r in part if r["inputs"] == "standardised"]
     lams = {r["lam"] for r in own}
