@@ -436,7 +436,7 @@ def plot(rows: List[dict], out_dir: Path) -> List[Path]:
         part = side_rows(rows, study)
         if not part:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         for i, inputs in enumerate(sorted({r["inputs"] for r in part}, key=lambda s: s != "standardised")):
             color = f"C{i}"
             sub = [r for r in part if r["inputs"] == inputs]
@@ -450,8 +450,10 @@ def plot(rows: List[dict], out_dir: Path) -> List[Path]:
                 ax.axhline(m, ls="--", color=color, label=f"vanilla {inputs}")
                 ax.axhspan(m - s, m + s, color=color, alpha=0.1)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["lam"] for r in part if r["lam"]}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set(xlabel="λ", ylabel="test top-1 (%)", title=f"vit, adam, {part[0]['budget']} epochs")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
         fig.tight_layout()
         written.append(out_dir / name)
         fig.savefig(written[-1], dpi=120)

@@ -103,3 +103,20 @@ def test_resnet18_cifar_keeps_full_resolution_in_the_stem_and_tract_wraps_its_fi
     # 28 px: the stem keeps 28, the stages halve to 14, 7, 4 (the ImageNet stem would end at 1 x 1)
     assert model.forward_features(torch.randn(2, 1, 28, 28)).shape == (2, 512, 4, 4)
     assert apply_tract(model) == "conv1"
+
+
+def test_mean_std_flags_reach_the_transforms_and_a_wrong_count_is_refused(monkeypatch):
+    import train
+    from tract.config import ConfigError, parse_args
+
+    seen = []
+    monkeypatch.setattr(train, "build_transform", lambda *a, **kw: seen.append((kw["mean"], kw["std"])) or (
+        lambda image: image))
+    monkeypatch.setattr(train, "check_dataset", lambda *a, **kw: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit):
+        train.main(["--in-chans", "1", "--mean", "0", "--std", str(1 / 255), "--dry-run"])
+    assert seen == [([0.0], [1 / 255])] * 2  # train and eval: x / (1/255), inputs in [0, 255]
+    with pytest.raises(ConfigError, match="--std needs 1 finite value"):
+        parse_args(["--in-chans", "1", "--std", "1", "1"])
+    with pytest.raises(ConfigError, match="--std must be > 0"):
+        parse_args(["--in-chans", "1", "--std", "0"])
