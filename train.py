@@ -46,6 +46,7 @@ def main(argv=None) -> None:
         # ---- data
         data_set = args.data_set or ("IMNET" if args.data_path else "FMNIST")
         mean, std = default_mean_std(args.in_chans)
+        mean, std = args.mean or mean, args.std or std
         # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
         prefetcher = args.prefetcher if args.prefetcher is not None else accelerator.device.type == "cuda"
         try:

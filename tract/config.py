@@ -93,6 +93,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")
     g.add_argument("--in-chans", type=int, default=3, help="input channels (grayscale is repeated to 3 unless 1)")
+    g.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="normalisation mean per input channel, as timm's; None = ImageNet's (--mean 0 --std 1: [0, 1])")
+    g.add_argument("--std", type=float, nargs="+", default=None,
+                   help="normalisation std per input channel; None = ImageNet's (--std 0.00392156862745098: [0, 255])")
     g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=None,
                    help="data loader workers per process; None = min(10, CPUs per process)")
     g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action=bool_flag, default=True,
@@ -336,6 +340,13 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be > 0, got {getattr(args, key)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    for key in ("mean", "std"):
+        values = getattr(args, key)
+        if values is not None and (len(values) != args.in_chans or not all(map(math.isfinite, values))):
+            raise ConfigError(f"--{key} needs {args.in_chans} finite value(s), one per --in-chans channel, "
+                              f"got {values}")
+    if args.std is not None and min(args.std) <= 0:
+        raise ConfigError(f"--std must be > 0, got {args.std}")
     non_negative = {"weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs",
                     "warmup_lr": "--warmup-lr", "min_lr": "--min-lr", "drop": "--drop", "drop_path": "--drop-path",
                     "mixup": "--mixup", "cutmix": "--cutmix", "smoothing": "--smoothing", "reprob": "--reprob",

@@ -21,8 +21,8 @@ from torch import nn
 
 from tract.config import ConfigError
 
-__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "DEIT3_MODELS", "resolve_model_name", "optimizer_eps",
-           "build_model", "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
+__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS", "resolve_model_name",
+           "optimizer_eps", "build_model", "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -72,6 +72,20 @@ def vit_pico_convstem_28(pretrained: bool = False, **kwargs) -> VisionTransforme
                       embed_layer=partial(HybridEmbed, backbone=stem))
     return build_model_with_cfg(VisionTransformer, "vit_pico_convstem_28", pretrained, pretrained_cfg=cfg,
                                 **{**model_args, **kwargs})
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's ResNet-18 with the CIFAR stem (3x3 stride-1 first convolution, no max-pool): the paper's CIFAR-10
+    ResNet-18 (its section 4.1; TrAct wraps ``conv1``)."""
+    if pretrained:
+        raise ValueError("resnet18_cifar has no pretrained weights")
+    kwargs.pop("pretrained_cfg", None)
+    model = timm.create_model("resnet18", **kwargs)
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # timm's ResNet init
+    model.maxpool = nn.Identity()
+    return model
 
 
 def resolve_model_name(name: str) -> Tuple[str, bool]:
