@@ -175,7 +175,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         if accelerator.is_main_process:
             _write_json(tmp / "train_state.json", state.state_dict())
             if ema is not None:
-                export_weights(_plain(ema.state_dict()), tmp / "ema.safetensors")
+                from tract.models import plain_state_dict
+
+                export_weights(plain_state_dict(ema), tmp / "ema.safetensors")
         accelerator.wait_for_everyone()  # every process has written its RNG state before the manifest is made
         if accelerator.is_main_process:
             files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -199,10 +201,6 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         _prune(root, keep, state)
     accelerator.wait_for_everyone()
     return final
-
-
-def _plain(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
 
 
 def verify_checkpoint(folder: Path) -> Optional[str]:
