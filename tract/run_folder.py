@@ -95,20 +95,22 @@ def _saved_args(run: Path) -> Dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _on_main(accelerator, fn: Callable[[], Any]) -> None:
-    """Run fn on the main process only; a ConfigError there is raised on every process, so all stop together."""
+def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() run on the main process only, its result given to every process; a ConfigError there is raised on every
+    process, so all stop together."""
     from accelerate.utils import broadcast_object_list
 
-    error = [None]
+    outcome = [None, None]  # result, error
     if accelerator.is_main_process:
         try:
-            fn()
+            outcome[0] = fn()
         except ConfigError as e:
-            error[0] = str(e)
+            outcome[1] = e
     if accelerator.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        raise ConfigError(error[0])
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 @dataclass
@@ -137,7 +139,9 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
     """
     from tract.checkpoint import resolve_resume
 
-    checkpoint, source = resolve_resume(args.resume, log=log) if args.resume else (None, None)
+    # Verifying reads (and hashes) every file of a checkpoint: once, not once per process of a launch.
+    checkpoint, source = _on_main(accelerator, lambda: resolve_resume(args.resume, log=log)) if args.resume else (
+        None, None)
     saved = _saved_args(source) if source else {}
     continues = source is not None
     if source and args.output_dir and Path(args.output_dir).resolve() != source:
