@@ -1,0 +1,91 @@
+"""benchmarks/tract_map.py: the paired statistics against hand-computed values, the settings' command lines, and a
+resumed map that runs only what its CSV lacks."""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import tract_map  # noqa: E402
+
+
+def test_paired_difference_pairs_by_seed_and_counts_seeds_ahead():
+    vanilla = {0: 40.0, 1: 50.0, 2: 60.0, 7: 10.0}  # seed 7 has no TrAct run: not a pair, left out
+    tract = {0: 39.0, 1: 52.0, 2: 62.0}
+    s = tract_map.paired(vanilla, tract, n_boot=4000)
+    assert s["n"] == 3 and s["ahead"] == 2
+    assert s["diff"] == pytest.approx((-1 + 2 + 2) / 3)
+    assert s["vanilla"] == pytest.approx(50.0) and s["tract"] == pytest.approx(51.0)
+    # Resampled means of (-1, 2, 2): the smallest, -1 (all three draws the first seed), has probability 1/27 = 3.7%,
+    # above 2.5%, so it is the interval's low end; the largest, 2, has probability 8/27: the high end.
+    assert s["low"] == pytest.approx(-1.0) and s["high"] == pytest.approx(2.0)
+
+
+def test_paired_interval_of_identical_differences_is_a_point():
+    s = tract_map.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})
+    assert (s["diff"], s["low"], s["high"]) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_paired_without_common_seeds_is_none():
+    assert tract_map.paired({0: 1.0}, {1: 2.0}) is None
+
+
+def _flag_values(args, flag):
+    i = args.index(flag)
+    out = []
+    for a in args[i + 1:]:
+        if a.startswith("--"):
+            break
+        out.append(a)
+    return out
+
+
+def test_a_setting_replaces_the_centres_flags_instead_of_repeating_them():
+    for name in tract_map.SETTINGS:
+        args = tract_map.train_args(name)
+        flags = [a for a in args if a.startswith("--")]
+        assert len(flags) == len(set(flags)), name
+        # One evaluation, after the last epoch: --val-interval is the budget.
+        assert _flag_values(args, "--val-interval") == _flag_values(args, "--epochs"), name
+    assert _flag_values(tract_map.train_args("lr-low"), "--lr") == ["3e-4"]
+    assert _flag_values(tract_map.train_args("patch8"), "--model-kwargs")[0] == "patch_size=8"
+    assert _flag_values(tract_map.train_args("budget9"), "--epochs") == ["9"]
+    assert "--src" in tract_map.train_args("aug-weak") and "--src" not in tract_map.train_args("centre")
+
+
+def test_arms_differ_only_in_tract_flags():
+    v = tract_map.command("centre", "vanilla", 3, Path("/x"))
+    t = tract_map.command("centre", "tract", 3, Path("/x"))
+    assert "--no-tract" in v and "--tract" not in v
+    assert _flag_values(t, "--tract-lambda") == ["0.1"]
+    assert [a for a in v if a != "--no-tract"] == [a for a in t if a not in ("--tract", "--tract-lambda", "0.1")]
+    assert _flag_values(v, "--seed") == ["3"]
+
+
+def test_execute_runs_only_what_the_csv_lacks_and_report_reads_both_csvs(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_train(cmd, output_dir, threads=1):
+        seed = int(_flag_values(cmd, "--seed")[0])
+        tract = "--tract" in cmd
+        ran.append((output_dir.name, seed, tract))
+        return [{"test_acc1": 50.0 + seed + (2.0 if tract else 0.0), "test_acc5": 90.0}]
+
+    monkeypatch.setattr(tract_map, "train", fake_train)
+    with open(tmp_path / "results.csv", "w", newline="") as f:  # one run already done
+        w = csv.DictWriter(f, fieldnames=tract_map.FIELDS)
+        w.writeheader()
+        w.writerow({"setting": "centre", "arm": "vanilla", "seed": 0, "acc1": 50.0, "acc5": 90.0, "wall_s": 1.0})
+    tract_map.execute(tmp_path, ["centre", "gray"], [0, 1], jobs=2)
+    assert len(ran) == 7 and ("centre-vanilla-s0", 0, False) not in ran
+    old = tmp_path / "old.csv"
+    old.write_text("study,model,opt,lr,inputs,lam,budget,seed,acc1,acc5,wall_s,images_per_sec,updates_per_epoch\n"
+                   "main,vit,adam,0.001,standardised,0.0,4,0,50.0,90,1,1,50\n"
+                   "main,vit,adam,0.001,standardised,0.1,4,0,47.0,90,1,1,50\n"
+                   "main,vit,adam,0.001,standardised,0.1,2,0,99.0,90,1,1,50\n")
+    text = tract_map.report(tmp_path, old)
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "**+2.00** [+2.00, +2.00]" in lines["centre"] and "2/2 |" in lines["centre"]
+    assert "**-3.00**" in lines["old-main"] and "0/1 |" in lines["old-main"]
+    assert (tmp_path / "map.png").stat().st_size > 0
