@@ -154,6 +154,17 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
+    g.add_argument("--first-layer-opt", default="same", choices=("same", "sgd"),
+                   help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
+                        "on its own SGD with momentum while the rest keeps --opt (the paper's Fig. 9)")
+    g.add_argument("--first-layer-lr-mult", type=float, default=1.0,
+                   help="with --first-layer-opt sgd: the first layer's lr over the rest's, at every update of the "
+                        "same schedule (warmup, decay)")
+    g.add_argument("--first-layer-momentum", type=float, default=0.9,
+                   help="with --first-layer-opt sgd: its momentum (the paper: SGD with momentum; 0.9 as its SGD runs)")
+    g.add_argument("--first-layer-weight-decay", type=float, default=0.0,
+                   help="with --first-layer-opt sgd: its L2 weight decay (the paper gives none; 0 leaves the layer's "
+                        "update TrAct's alone)")
 
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "poly", "constant"),
@@ -384,6 +395,15 @@ def validate_args(args: argparse.Namespace) -> None:
                               f"{example}; got {' '.join(map(str, args.opt_betas))}")
     if not 0 <= args.momentum < 1 + 1e-9:
         raise ConfigError(f"--momentum must be in [0, 1], got {args.momentum}")
+    if not (args.first_layer_lr_mult > 0 and math.isfinite(args.first_layer_lr_mult)):
+        raise ConfigError(f"--first-layer-lr-mult must be > 0, got {args.first_layer_lr_mult}")
+    if not 0 <= args.first_layer_momentum < 1:
+        raise ConfigError(f"--first-layer-momentum must be in [0, 1), got {args.first_layer_momentum}")
+    if not (args.first_layer_weight_decay >= 0 and math.isfinite(args.first_layer_weight_decay)):
+        raise ConfigError(f"--first-layer-weight-decay must be >= 0, got {args.first_layer_weight_decay}")
+    if args.first_layer_opt == "same" and args.first_layer_lr_mult != 1:
+        raise ConfigError(f"--first-layer-lr-mult {args.first_layer_lr_mult:g} applies to the first layer's own "
+                          "optimizer: add --first-layer-opt sgd (or leave the multiplier at 1)")
     if args.sched == "step" and not (args.decay_epochs > 0 and 0 < args.decay_rate <= 1):
         raise ConfigError(f"--sched step needs --decay-epochs > 0 and --decay-rate in (0, 1], got "
                           f"{args.decay_epochs} and {args.decay_rate}")
