@@ -23,7 +23,7 @@ from tract.data import (DeviceLoader, RASampler, SeededBatches, SeededBatchSampl
                         check_dataset, default_mean_std)
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, describe_first_layer,
                           describe_optimizer, evaluate, train_one_epoch)
-from tract.models import build_model, count_parameters, plain_state_dict
+from tract.models import build_model, count_parameters, describe_patch_norm, plain_state_dict
 from tract.run_folder import place_run
 from tract.run_log import RunLog
 from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers, run_cli
@@ -120,6 +120,7 @@ def main(argv=None) -> None:
             "optimizer": f"{type(optimizer).__name__}, eps {optimizer.defaults.get('eps', 'none')}",
             "first-layer optimizer": describe_first_layer(optimizer),
             "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
+            "patch norm": describe_patch_norm(args.patch_norm),
             "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": output_dir,
             "resume": checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),
             "optimizer implementation": describe_optimizer(optimizer),

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (an autouse fixture)
 
@@ -123,3 +124,92 @@ def test_dry_run_names_the_first_layers_optimizer(tiny_imagefolder, tmp_path, ca
 def test_bad_first_layer_options_are_refused(extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(extra)
+
+
+# ---- Fig. 7: patch normalisation and DualPatchNorm in front of a ViT's patch embedding --------------------------
+
+def patch_rows(x, p):
+    """The (B * L, C * p * p) matrix of non-overlapping p x p patches, in a convolution weight's (C, kh, kw) order."""
+    return F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, x.shape[1] * p * p)
+
+
+def normalised_rows(model, x, mode, p=8):
+    """The patches the projection should see, from the definitions: per-patch standardisation or LayerNorm + affine."""
+    rows = patch_rows(x, p)
+    if mode == "patch":
+        return (rows - rows.mean(1, keepdim=True)) / (rows.var(1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    pre = model.patch_embed.pre_norm
+    return F.layer_norm(rows, (rows.shape[1],), pre.weight, pre.bias, eps=1e-6)
+
+
+def patch_norm_vit(mode, *extra):
+    torch.manual_seed(0)
+    model, layer = build_model(parse_args([*VIT, "--patch-norm", mode, *extra]), num_classes=3)
+    model.double()
+    with torch.no_grad():  # affine away from 1 / 0, so a missing or misplaced affine shows
+        for name, param in model.patch_embed.named_parameters():
+            if "norm" in name:
+                param.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    return model, layer
+
+
+@pytest.mark.parametrize("mode", ["patch", "dual"])
+def test_patch_embedding_output_is_the_projection_of_the_normalised_patches(mode):
+    model, _ = patch_norm_vit(mode)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64) * 3 + 1
+    x[0, :, :8, :8] = 0.25  # a constant patch: standardised to 0, not NaN
+    proj = model.patch_embed.proj
+    tokens = normalised_rows(model, x, mode) @ proj.weight.reshape(proj.out_channels, -1).T + proj.bias
+    if mode == "dual":
+        post = model.patch_embed.norm
+        tokens = F.layer_norm(tokens, (tokens.shape[1],), post.weight, post.bias, eps=1e-6)
+    assert torch.allclose(model.patch_embed(x), tokens.reshape(2, 16, -1), rtol=1e-10, atol=1e-10)
+    assert model(x).shape == (2, 3)
+    if mode == "patch":
+        assert torch.equal(normalised_rows(model, x, mode)[0], torch.zeros(192, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["patch", "dual"])
+def test_tract_wraps_the_projection_and_its_gradient_is_the_closed_form_on_the_normalised_patches(mode):
+    model, layer = patch_norm_vit(mode, "--tract", "--tract-lambda", "0.1")
+    assert layer == "patch_embed.proj"
+    seen = {}
+
+    def keep_output_gradient(module, inputs, out):
+        out.register_hook(lambda grad: seen.update(g=grad))
+
+    model.patch_embed.proj.register_forward_hook(keep_output_gradient)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64) * 2 + 0.5
+    (model(x) * torch.randn(3, 3, dtype=torch.float64)).sum().backward()
+    rows = normalised_rows(model, x, mode).detach()
+    grad_z = seen["g"].flatten(2).transpose(1, 2).reshape(-1, 32)  # rows in unfold's order: image, then patch
+    b, n = rows.shape
+    expected = grad_z.T @ rows @ torch.linalg.inv(rows.T @ rows / b + 0.1 * torch.eye(n, dtype=torch.float64))
+    got = model.patch_embed.proj.weight.grad.reshape(32, -1)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(got, grad_z.T @ rows, rtol=1e-3)  # not the ordinary gradient
+
+
+@pytest.mark.parametrize("model", ["resnet18_cifar", "vit_pico_convstem_28"])
+def test_patch_norm_is_refused_for_a_model_without_a_kernel_equals_stride_patch_embedding(model):
+    with pytest.raises(ConfigError, match=rf"--patch-norm dual normalises the patches .*'{model}' has .*leave out"):
+        build_model(parse_args(["--model", model, "--patch-norm", "dual"]), num_classes=3)
+
+
+@pytest.mark.parametrize("mode, added", [("patch", set()), ("dual", {"patch_embed.pre_norm.weight",
+                                                                     "patch_embed.pre_norm.bias",
+                                                                     "patch_embed.norm.weight",
+                                                                     "patch_embed.norm.bias"})])
+def test_run_with_patch_norm_saves_the_norms_weights_and_its_args_rebuild_the_model(tiny_imagefolder, tmp_path,
+                                                                                    mode, added):
+    import finetune
+
+    out = tmp_path / mode
+    train.main(tiny_run(tiny_imagefolder, out, "--patch-norm", mode, "--tract"))
+    saved = load_file(out / "model.safetensors")
+    plain, _ = build_model(parse_args(VIT), num_classes=3)
+    assert set(saved) - set(plain.state_dict()) == added and set(plain.state_dict()) <= set(saved)
+    rebuilt, _ = build_model(parse_args(["-c", str(out / "args.yaml")]), num_classes=3)
+    rebuilt.load_state_dict(saved, strict=True)
+    assert 0 <= log_lines(out)[-1]["test_acc1"] <= 100
+    assert finetune.parse_finetune_args(["--finetune", str(out)]).patch_norm == mode  # inherited, as the model is

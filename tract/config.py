@@ -21,9 +21,14 @@ import yaml
 
 from tract.data import DATASETS
 
-__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "command_line_keys",
-           "validate_args", "load_config", "save_args", "parse_model_kwargs"]
+__all__ = ["ConfigError", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
+           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs"]
 
+# --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
+FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
+# --patch-norm (Fig. 7): none; "patch" = every input patch standardised on its own; "dual" = DualPatchNorm (Kumar et
+# al. 2023), LayerNorm with affine over each flattened patch before the patch embedding and after it.
+PATCH_NORMS = ("none", "patch", "dual")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 
 
@@ -123,6 +128,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                         "ramp; None = uniform for DeiT III models, linear otherwise")
     g.add_argument("--layer-scale-init", type=float, default=None,
                    help="LayerScale init value; None = 1e-4 for DeiT III models, the timm model's own otherwise")
+    g.add_argument("--patch-norm", default="none", choices=PATCH_NORMS,
+                   help="ViTs with a kernel == stride patch embedding (the paper's Fig. 7): 'patch' standardises every "
+                        "input patch on its own, 'dual' is DualPatchNorm (LayerNorm before and after the patch "
+                        "embedding); TrAct sees the normalised patches. A model trained with it needs it to load")
     g.add_argument("--finetune", default=None, metavar="WEIGHTS", help="start from these weights (finetune.py)")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (TrAct included) with this backend (timm's flag; alone: inductor)")
@@ -154,7 +163,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
-    g.add_argument("--first-layer-opt", default="same", choices=("same", "sgd"),
+    g.add_argument("--first-layer-opt", default="same", choices=FIRST_LAYER_OPTIMIZERS,
                    help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
                         "on its own SGD with momentum while the rest keeps --opt (the paper's Fig. 9)")
     g.add_argument("--first-layer-lr-mult", type=float, default=1.0,

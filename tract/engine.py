@@ -15,7 +15,7 @@ from torch import nn
 
 from tract.checkpoint import TrainState
 
-__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "FIRST_LAYER_OPTIMIZERS", "SplitOptimizer", "first_layer_name",
+__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name",
            "build_optimizer", "describe_optimizer", "describe_first_layer", "build_scheduler", "build_criterion",
            "build_mixup", "mixup_active", "train_one_epoch", "evaluate"]
 
@@ -26,8 +26,6 @@ OPTIMIZER_ALIASES = {"fusedlamb": "lamb", "fusedadam": "adam", "fusedadamw": "ad
 # The aliases whose timm optimizer is torch's, which has a fused kernel (torch.optim: fused=True). timm's lamb and
 # novograd have none: their fused* names run timm's single-tensor loops.
 TORCH_FUSED = ("adam", "adamw", "sgd")
-# --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
-FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
 
 
 class SplitOptimizer(torch.optim.Optimizer):
