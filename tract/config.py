@@ -176,14 +176,17 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                         "update TrAct's alone)")
 
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "poly", "constant"),
+    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "multistep", "poly", "constant"),
                    help="timm scheduler")
     g.add_argument("--epochs", type=int, default=3, help="epochs to train")
     g.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear warmup from --warmup-lr")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
     g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
     g.add_argument("--decay-epochs", type=float, default=30, help="epochs between decays (step schedule)")
-    g.add_argument("--decay-rate", type=float, default=0.1, help="lr decay factor (step schedule)")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+                   help="multistep schedule: the lr is multiplied by --decay-rate after each of these many epochs "
+                        "(torch's MultiStepLR meaning: 60 120 160 = 60 epochs at --lr, 60 at the next, ...)")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="lr decay factor (step and multistep schedules)")
     g.add_argument("--sched-on-updates", action=bool_flag, default=False,
                    help="step the lr every optimizer update instead of once per epoch (DeiT: per epoch)")
 
@@ -416,6 +419,13 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sched == "step" and not (args.decay_epochs > 0 and 0 < args.decay_rate <= 1):
         raise ConfigError(f"--sched step needs --decay-epochs > 0 and --decay-rate in (0, 1], got "
                           f"{args.decay_epochs} and {args.decay_rate}")
+    if args.sched == "multistep":
+        milestones = args.decay_milestones or []
+        if not (milestones and milestones[0] > 0 and all(a < b for a, b in zip(milestones, milestones[1:]))
+                and 0 < args.decay_rate <= 1):
+            raise ConfigError(f"--sched multistep needs --decay-milestones: increasing epoch counts > 0, e.g. "
+                              f"--decay-milestones 60 120 160, and --decay-rate in (0, 1]; got {milestones or 'none'} "
+                              f"and {args.decay_rate}")
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] <= args.cutmix_minmax[1] <= 1:
         raise ConfigError(f"--cutmix-minmax takes MIN MAX with 0 < MIN <= MAX <= 1, got "
                           f"{args.cutmix_minmax[0]} {args.cutmix_minmax[1]}")

@@ -215,7 +215,16 @@ def describe_first_layer(optimizer: torch.optim.Optimizer) -> str:
 
 def build_scheduler(args, optimizer, updates_per_epoch: int):
     """timm's create_scheduler_v2, stepped per epoch (DeiT) or per update (``--sched-on-updates``)."""
-    from timm.scheduler import create_scheduler_v2
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+
+    if args.sched == "multistep":
+        unit = updates_per_epoch if args.sched_on_updates else 1
+        # timm applies a milestone m from step m - 1 (its convention, timm/scheduler/multistep_lr.py); m x unit + 1
+        # changes the lr after m whole epochs, as torch's MultiStepLR and the paper's "60 epochs at 0.1" mean.
+        return MultiStepLRScheduler(optimizer, decay_t=[m * unit + 1 for m in args.decay_milestones],
+                                    decay_rate=args.decay_rate, warmup_t=args.warmup_epochs * unit,
+                                    warmup_lr_init=args.warmup_lr, warmup_prefix=False,
+                                    t_in_epochs=not args.sched_on_updates)
 
     scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
                                        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,

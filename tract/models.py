@@ -21,8 +21,8 @@ from torch import nn
 
 from tract.config import ConfigError
 
-__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS", "PatchNorm",
-           "add_patch_norm", "describe_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
+__all__ = ["vit_pico_patch7_28", "vit_cifar_patch4_32", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS",
+           "PatchNorm", "add_patch_norm", "describe_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
            "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
@@ -107,6 +107,19 @@ def vit_pico_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     cfg = dict(input_size=(3, 28, 28), first_conv="patch_embed.proj", classifier="head", num_classes=10)
     model_args = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)
     return build_model_with_cfg(VisionTransformer, "vit_pico_patch7_28", pretrained, pretrained_cfg=cfg,
+                                **{**model_args, **kwargs})
+
+
+@register_model
+def vit_cifar_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The paper's CIFAR ViT (its section 4.1, after github.com/omihub777/ViT-CIFAR): 32-px images in 8x8 patches of
+    4 px (64 tokens and a class token), width 384, 7 blocks of 12 heads, MLP hidden 384 (ViT-CIFAR's), no dropout."""
+    if pretrained:
+        raise ValueError("vit_cifar_patch4_32 has no pretrained weights")
+    kwargs.pop("pretrained_cfg", None)
+    cfg = dict(input_size=(3, 32, 32), first_conv="patch_embed.proj", classifier="head", num_classes=10)
+    model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.0)
+    return build_model_with_cfg(VisionTransformer, "vit_cifar_patch4_32", pretrained, pretrained_cfg=cfg,
                                 **{**model_args, **kwargs})
 
 
