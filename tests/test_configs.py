@@ -144,3 +144,10 @@ def test_multistep_in_epochs_decays_after_each_milestone_and_bad_milestones_are_
         with pytest.raises(ConfigError, match="--sched multistep needs --decay-milestones"):
             parse_args(["--sched", "multistep", *bad])
     assert math.isclose(parse_args(["--sched", "multistep", "--decay-milestones", "1"]).decay_rate, 0.1)
+
+
+def test_readme_shows_a_command_for_every_paper_config():
+    from test_readme import bash_commands
+
+    shown = " ".join(bash_commands())
+    assert [name for name in sorted(PAPER) if f"configs/{name}" not in shown] == []

@@ -1,0 +1,282 @@
+"""Where does TrAct help? A map: one factor at a time around a centre setting, TrAct - vanilla paired by seed.
+
+    nice bash scripts/env.sh python benchmarks/tract_map.py --jobs 2          # hours on 2 cores; resumable
+    bash scripts/env.sh python benchmarks/tract_map.py --report-only          # table + plot from the CSV so far
+    bash scripts/env.sh python benchmarks/tract_map.py --settings centre patch8 --seeds 0 1   # a part of it
+
+The protocol, written down (and committed) before any of its runs:
+
+- Question: the sign and size of TrAct - vanilla (test top-1 at the end of a fixed budget) and which factors move
+  it. The earlier benchmark (benchmarks/convergence.py) measured one setting where TrAct was behind; a second small
+  setting tried by a user had it ahead. This map varies the factors that plausibly decide the sign, one at a time.
+- Centre setting (the second one, where TrAct looked ahead): Fashion-MNIST at 32 px, 3 channels (grayscale
+  repeated), a plain patch-embedding ViT (timm ``vit_tiny_patch16_224`` with ``patch_size=4 embed_dim=64 depth=2
+  num_heads=2``: 64 tokens and n = 48 inputs to the first layer, the paper's CIFAR ViT geometry), train.py's default
+  augmentation (timm's RandomResizedCrop(0.08, 1) + flip), no label smoothing, no mixup, AdamW lr 1e-3 as is
+  (``--unscale-lr``), weight decay 0.05, cosine schedule without warmup, batch 64, 3 "epochs" of 47 updates (a
+  fresh random 3,008-image subset each), evaluated once at the end on the full 10,000-image test set.
+- Factors, each varied alone (setting name: what changes): tokens per image / patch size (``patch8``: 16 tokens,
+  n = 192; ``patch2``: 256 tokens, n = 12); input channels (``gray``: 1 channel, n = 16); depth (``depth6``); width
+  (``width192``: 192 wide, 3 heads); augmentation (``aug-weak``: DeiT's simple random crop ``--src``;
+  ``aug-strong``: RandAugment m9 + random erasing 0.25); label smoothing (``smooth``: 0.1); learning rate
+  (``lr-low`` 3e-4, ``lr-high`` 3e-3); optimizer (``sgd``: SGD momentum 0.9, lr 0.01, weight decay 5e-4 for the whole
+  model, lr from the earlier benchmark's grid; ``split``: AdamW for the model, SGD momentum 0.9 for the
+  first layer only at 10x AdamW's lr, i.e. the ``sgd`` setting's 0.01: the paper's Fig. 9, whose rates it does not
+  give); budget (``budget1``: 1 epoch, ``budget9``: 9 epochs); input normalisation
+  (``patchnorm``: every patch standardised on its own; ``dualpatchnorm``: LayerNorm before and after the patch
+  embedding; the paper's Fig. 7, TrAct composed with them).
+- The earlier benchmark's main setting (ViT 7-px patches, 1 channel, ``--src``, smoothing 0.1, batch 128, 4 epochs
+  of 50 updates, AdamW 1e-3, seeds 0-4) stays in the map as the point ``old-main``, read from its CSV
+  (docs/results/results.csv, lambda 0.1 against vanilla): the same train.py protocol, not rerun.
+- Arms: vanilla (``--no-tract``) and TrAct with the paper's default lambda 0.1 (``--tract``); both arms of a seed
+  share the initialisation and the data order (train.py seeds both from ``--seed``). Seeds 0-3, run seed-major
+  (every setting's seed 0 first), so a cut-short map is balanced.
+- Reported per setting: mean top-1 of both arms, the paired difference (mean over seeds of TrAct - vanilla), its 95%
+  bootstrap interval (seeds resampled with replacement, 10,000 times, percentile ends) and how many seeds had TrAct
+  ahead. A setting "moves the sign" when its interval lies on the other side of zero from the centre's. Nothing is
+  dropped: every finished run is in the CSV and the table.
+"""
+import argparse
+import csv
+import math
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import load_rows as load_convergence_rows  # noqa: E402
+from convergence import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CENTRE = {  # train.py flag -> value(s); None = a switch without value
+    "--model": "vit_tiny_patch16_224",
+    "--model-kwargs": ["patch_size=4", "embed_dim=64", "depth=2", "num_heads=2"],
+    "--input-size": "32", "--in-chans": "3",
+    "--opt": "adamw", "--lr": "1e-3", "--unscale-lr": None, "--weight-decay": "0.05",
+    "--smoothing": "0", "--batch-size": "64", "--epochs": "3", "--max-updates-per-epoch": "47",
+    "--warmup-epochs": "0", "--num-workers": "0", "--no-progress": None,
+}
+SGD_SPLIT_LR_MULT = 10.0  # the first layer's SGD lr over AdamW's: 1e-2, the sgd setting's rate (Fig. 9 gives none)
+
+# name -> (factor, what changes, flags replacing the centre's; a value of "-" drops the centre's flag)
+SETTINGS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
+    "centre": ("centre", "the centre setting", {}),
+    "patch8": ("tokens", "patch 8: 16 tokens, n = 192",
+               {"--model-kwargs": ["patch_size=8", "embed_dim=64", "depth=2", "num_heads=2"]}),
+    "patch2": ("tokens", "patch 2: 256 tokens, n = 12",
+               {"--model-kwargs": ["patch_size=2", "embed_dim=64", "depth=2", "num_heads=2"]}),
+    "gray": ("channels", "1 input channel, n = 16", {"--in-chans": "1"}),
+    "depth6": ("depth/width", "6 blocks", {"--model-kwargs": ["patch_size=4", "embed_dim=64", "depth=6",
+                                                              "num_heads=2"]}),
+    "width192": ("depth/width", "width 192, 3 heads", {"--model-kwargs": ["patch_size=4", "embed_dim=192", "depth=2",
+                                                                          "num_heads=3"]}),
+    "aug-weak": ("augmentation", "simple random crop (--src)", {"--src": None}),
+    "aug-strong": ("augmentation", "RandAugment m9 + erasing 0.25",
+                   {"--aa": "rand-m9-mstd0.5-inc1", "--reprob": "0.25"}),
+    "smooth": ("smoothing", "label smoothing 0.1", {"--smoothing": "0.1"}),
+    "lr-low": ("learning rate", "AdamW lr 3e-4", {"--lr": "3e-4"}),
+    "lr-high": ("learning rate", "AdamW lr 3e-3", {"--lr": "3e-3"}),
+    "sgd": ("optimizer", "SGD m 0.9, lr 0.01, wd 5e-4",
+            {"--opt": "sgd", "--momentum": "0.9", "--lr": "0.01", "--weight-decay": "5e-4"}),
+    "split": ("optimizer", "AdamW; first layer SGD m 0.9 at 10x lr (Fig. 9)",
+              {"--first-layer-opt": "sgd", "--first-layer-lr-mult": f"{SGD_SPLIT_LR_MULT:g}"}),
+    "budget1": ("budget", "1 epoch (47 updates)", {"--epochs": "1"}),
+    "budget9": ("budget", "9 epochs (423 updates)", {"--epochs": "9"}),
+    "patchnorm": ("input normalisation", "patch-wise normalisation (Fig. 7)", {"--patch-norm": "patch"}),
+    "dualpatchnorm": ("input normalisation", "DualPatchNorm (Fig. 7)", {"--patch-norm": "dual"}),
+}
+OLD_MAIN = ("old main", "convergence.py main: 7-px patches, 1 ch, --src, smoothing 0.1, batch 128, 4x50 updates")
+LAMBDA = 0.1
+FIELDS = ("setting", "arm", "seed", "acc1", "acc5", "wall_s")
+
+
+def train_args(setting: str) -> List[str]:
+    """The train.py arguments of a setting (without arm, seed and output folder)."""
+    flags = {**CENTRE, **SETTINGS[setting][2]}
+    flags["--val-interval"] = flags["--epochs"]  # one evaluation, at the end: the map compares final accuracy
+    out: List[str] = []
+    for flag, value in flags.items():
+        if value == "-":
+            continue
+        out.append(flag)
+        if isinstance(value, list):
+            out += value
+        elif value is not None:
+            out.append(str(value))
+    return out
+
+
+def command(setting: str, arm: str, seed: int, output_dir: Path) -> List[str]:
+    """The full train.py command line of one run."""
+    tract = ["--tract", "--tract-lambda", f"{LAMBDA:g}"] if arm == "tract" else ["--no-tract"]
+    return [sys.executable, str(ROOT / "train.py"), *train_args(setting), *tract, "--seed", str(seed),
+            "--output-dir", str(output_dir)]
+
+
+def load_rows(path: Path) -> List[dict]:
+    """The finished runs of the map's CSV."""
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        for k in ("acc1", "acc5", "wall_s"):
+            r[k] = float(r[k])
+    return rows
+
+
+def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: int) -> None:
+    """Run every (seed, setting, arm) not yet in the CSV, ``jobs`` at a time; append each result as it ends."""
+    csv_path = out_dir / "results.csv"
+    done = {(r["setting"], r["arm"], r["seed"]) for r in load_rows(csv_path)}
+    todo = [(s, arm, seed) for seed in seeds for s in settings for arm in ("vanilla", "tract")
+            if (s, arm, seed) not in done]
+    lock = threading.Lock()
+    count = [0]
+
+    def one(item):
+        setting, arm, seed = item
+        folder = out_dir / "runs" / f"{setting}-{arm}-s{seed}"
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over: a minute or two at most
+        start = time.perf_counter()
+        try:
+            log = train(command(setting, arm, seed, folder), folder)
+        except RuntimeError as e:
+            print(e, file=sys.stderr, flush=True)
+            return
+        wall = time.perf_counter() - start
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        last = log[-1]
+        row = {"setting": setting, "arm": arm, "seed": seed, "acc1": last["test_acc1"], "acc5": last["test_acc5"],
+               "wall_s": round(wall, 1)}
+        with lock:
+            new = not csv_path.exists()
+            with open(csv_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+            count[0] += 1
+            print(f"[{count[0]}/{len(todo)}] {setting:14s} {arm:7s} seed {seed}  top-1 {row['acc1']:6.2f}%  "
+                  f"{wall:5.0f} s", flush=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def paired(vanilla: Dict[int, float], tract: Dict[int, float], n_boot: int = 10000, seed: int = 0) -> Optional[dict]:
+    """TrAct - vanilla paired by seed: mean, 95% bootstrap interval over seeds, seeds ahead; None without pairs."""
+    seeds = sorted(set(vanilla) & set(tract))
+    if not seeds:
+        return None
+    d = np.array([tract[s] - vanilla[s] for s in seeds])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    return {"n": len(d), "diff": float(d.mean()), "low": float(np.percentile(boot, 2.5, method="lower")),
+            "high": float(np.percentile(boot, 97.5, method="higher")), "ahead": int((d > 0).sum()),
+            "vanilla": float(np.mean([vanilla[s] for s in seeds])), "tract": float(np.mean([tract[s] for s in seeds]))}
+
+
+def summarise(rows: List[dict], old_rows: List[dict]) -> List[dict]:
+    """One line per setting (map order; the old main setting last): factor, change and the paired statistics."""
+    lines = []
+    for name, (factor, change, _) in SETTINGS.items():
+        arms = {arm: {r["seed"]: r["acc1"] for r in rows if r["setting"] == name and r["arm"] == arm}
+                for arm in ("vanilla", "tract")}
+        stats = paired(arms["vanilla"], arms["tract"])
+        if stats:
+            lines.append({"setting": name, "factor": factor, "change": change, **stats})
+    old = {lam: {r["seed"]: r["acc1"] for r in old_rows if r["study"] == "main" and r["budget"] == 4
+                 and math.isclose(r["lam"], lam)} for lam in (0.0, LAMBDA)}
+    stats = paired(old[0.0], old[LAMBDA])
+    if stats:
+        lines.append({"setting": "old-main", "factor": OLD_MAIN[0], "change": OLD_MAIN[1], **stats})
+    return lines
+
+
+def table(lines: List[dict]) -> str:
+    """The map as a markdown table."""
+    out = ["| setting | factor | what changes from the centre | seeds | vanilla top-1 | TrAct top-1 | "
+           "TrAct - vanilla [95% CI] | seeds TrAct ahead |", "|---|---|---|---|---|---|---|---|"]
+    for x in lines:
+        out.append(f"| {x['setting']} | {x['factor']} | {x['change']} | {x['n']} | {x['vanilla']:.2f} | "
+                   f"{x['tract']:.2f} | **{x['diff']:+.2f}** [{x['low']:+.2f}, {x['high']:+.2f}] | "
+                   f"{x['ahead']}/{x['n']} |")
+    return "\n".join(out)
+
+
+def plot(lines: List[dict], path: Path) -> None:
+    """One plot: the paired difference with its interval per setting, grouped by factor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.36 * len(lines) + 1.2))
+    y = np.arange(len(lines))[::-1]
+    for yi, x in zip(y, lines):
+        colour = "tab:green" if x["low"] > 0 else "tab:red" if x["high"] < 0 else "tab:gray"
+        ax.errorbar(x["diff"], yi, xerr=[[x["diff"] - x["low"]], [x["high"] - x["diff"]]], fmt="o", color=colour,
+                    capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{x['setting']} ({x['factor']})" for x in lines])
+    ax.set_xlabel("TrAct - vanilla, test top-1 points (mean over seeds, 95% bootstrap interval, paired by seed)")
+    ax.set_title("Where TrAct helps: Fashion-MNIST, one factor at a time around the centre")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out_dir: Path, old_csv: Path) -> str:
+    """Write map.md and map.png from the CSV; return the table."""
+    rows = load_rows(out_dir / "results.csv")
+    lines = summarise(rows, load_convergence_rows(old_csv))
+    text = table(lines)
+    ahead = sum(x["low"] > 0 for x in lines)
+    behind = sum(x["high"] < 0 for x in lines)
+    text += (f"\n\nTrAct ahead (interval above 0) in {ahead} of {len(lines)} settings, behind (interval below 0) in "
+             f"{behind}, undecided in {len(lines) - ahead - behind}; TrAct's mean ahead in "
+             f"{sum(x['diff'] > 0 for x in lines)} of {len(lines)}.\n")
+    (out_dir / "map.md").write_text(text)
+    if lines:
+        plot(lines, out_dir / "map.png")
+    return text
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "output" / "tract_map", help="CSV, runs, table and plot")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME",
+                   help=f"settings to run (default all: {' '.join(SETTINGS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds, shared by both arms")
+    p.add_argument("--jobs", type=int, default=1, help="train.py runs at once (one torch thread each)")
+    p.add_argument("--old-csv", type=Path, default=ROOT / "docs" / "results" / "results.csv",
+                   help="convergence.py's CSV, for the old main setting")
+    p.add_argument("--report-only", action="store_true", help="only write the table and plot from the CSV")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    """Run what is missing, then report."""
+    args = get_args(argv)
+    if not args.report_only:
+        execute(args.out_dir, args.settings, args.seeds, args.jobs)
+    print(report(args.out_dir, args.old_csv))
+
+
+if __name__ == "__main__":
+    main()
