@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -44,6 +44,19 @@ def map_reading(setting: str, csv_path: Path = MAP_CSV, old_csv: Path = RESULTS)
     return text + (f" At this setting ({here['change']}) the map measured {here['diff']:+.2f} points "
                    f"[{here['low']:+.2f}, {here['high']:+.2f}] over {here['n']} seeds, TrAct ahead on {here['ahead']} "
                    f"of them: one seed's gap above is one draw from that spread.")
+
+
+def with_values(cmd: List[str], values: Dict[str, Optional[int]]) -> List[str]:
+    """``cmd`` with each flag's value replaced (or the flag added); a value of None leaves the flag as it is."""
+    cmd = list(cmd)
+    for flag, value in values.items():
+        if value is None:
+            continue
+        if flag in cmd:
+            cmd[cmd.index(flag) + 1] = str(value)
+        else:
+            cmd += [flag, str(value)]
+    return cmd
 
 
 def table(logs: List[List[dict]]) -> str:
@@ -94,9 +107,8 @@ def main(argv=None) -> None:
     if any(f.exists() for f in folders):
         raise SystemExit(f"demo.py: {cfg.out_dir} already holds these runs: pass another --out-dir")
     # The map evaluates once, at the end; the demo every epoch (evaluation leaves training's random stream alone).
-    budget = [*(["--epochs", str(cfg.epochs)] if cfg.epochs else []),
-              *(["--max-updates-per-epoch", str(cfg.updates_per_epoch)] if cfg.updates_per_epoch else [])]
-    cmds = [tract_map.command(cfg.setting, arm, cfg.seed, folder) + ["--val-interval", "1", *budget, *cfg.train_args]
+    changes = {"--val-interval": 1, "--epochs": cfg.epochs, "--max-updates-per-epoch": cfg.updates_per_epoch}
+    cmds = [with_values(tract_map.command(cfg.setting, arm, cfg.seed, folder), changes) + cfg.train_args
             for arm, folder in zip(("vanilla", "tract"), folders)]
     print("TrAct side by side, both in parallel, one CPU thread each:")
     for cmd in cmds:

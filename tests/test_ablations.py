@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (an autouse fixture)
 
 import train
-from tract.checkpoint import _read_pickle
 from tract.config import ConfigError, parse_args
 from tract.engine import SplitOptimizer, build_optimizer, build_scheduler
 from tract.models import build_model
@@ -100,7 +99,7 @@ def test_split_run_resumes_bitwise_and_trains_the_first_layer_otherwise_than_one
                         str(straight / "checkpoints" / "epoch-0001")))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    saved = _read_pickle(straight / "checkpoints" / "epoch-0001" / "optimizer.bin")
+    saved = torch.load(straight / "checkpoints" / "epoch-0001" / "optimizer.bin", weights_only=True)
     assert saved["param_groups"][-1]["lr_scale"] == 10 and saved["param_groups"][-1]["momentum"] == 0.8
     train.main(tiny_run(tiny_imagefolder, single, *recipe))
     c = load_file(single / "model.safetensors")

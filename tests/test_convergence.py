@@ -87,6 +87,8 @@ def test_demo_runs_the_maps_centre_setting_side_by_side_and_writes_plot(tiny_ima
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| epoch")]
     assert [line.split(" | ")[0] for line in lines] == ["| 1", "| 2"]
     assert "--no-tract" in text and "--tract --tract-lambda 0.1" in text
+    # the printed commands set the budget and the per-epoch evaluation once each, over the centre's values
+    assert text.count("--epochs 2 ") == text.count("--val-interval 1 ") == 2 and "--epochs 3" not in text
     assert "How to read it" in text and "The map has no results yet" in text
     assert (out / "demo.png").stat().st_size > 0
     runs = sorted(p for p in out.iterdir() if p.is_dir())
