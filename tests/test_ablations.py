@@ -1,5 +1,5 @@
 """The paper's two ablations as train.py options: the first layer on its own SGD (Fig. 9) and patch normalisation /
-DualPatchNorm for timm ViTs (Fig. 7), each against a float64 reference written here, resumed, and composed with TrAct."""
+DualPatchNorm for timm ViTs (Fig. 7), each against a float64 reference written here, resumed, composed with TrAct."""
 import math
 import re
 
@@ -190,9 +190,15 @@ def test_tract_wraps_the_projection_and_its_gradient_is_the_closed_form_on_the_n
 
 
 @pytest.mark.parametrize("model", ["resnet18_cifar", "vit_pico_convstem_28"])
-def test_patch_norm_is_refused_for_a_model_without_a_kernel_equals_stride_patch_embedding(model):
+def test_patch_norm_is_refused_for_a_model_without_a_kernel_equals_stride_patch_embedding(model, tiny_imagefolder,
+                                                                                          tmp_path):
     with pytest.raises(ConfigError, match=rf"--patch-norm dual normalises the patches .*'{model}' has .*leave out"):
         build_model(parse_args(["--model", model, "--patch-norm", "dual"]), num_classes=3)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # train.py: one message, nothing written
+        train.cli([*tiny_run(tiny_imagefolder, out), "--model", model, "--model-kwargs", "--patch-norm", "patch"])
+    assert str(e.value.code).startswith("train.py: error: --patch-norm patch normalises the patches")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("mode, added", [("patch", set()), ("dual", {"patch_embed.pre_norm.weight",

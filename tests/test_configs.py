@@ -20,15 +20,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = {}
 for depth in (18, 34, 50):  # section 4.3: SGD m0.9, wd 1e-4, lr 0.141 for 30 epochs, 0.1 for 60 and 90, batch 256
     for epochs in (30, 60, 90):
-        PAPER[f"imagenet_resnet{depth}_{epochs}ep.yaml"] = (f"resnet{depth}", "momentum", 0.141 if epochs == 30 else 0.1,
-                                                             epochs, 1e-4, 256)
+        PAPER[f"imagenet_resnet{depth}_{epochs}ep.yaml"] = (f"resnet{depth}", "momentum",
+                                                             0.141 if epochs == 30 else 0.1, epochs, 1e-4, 256)
 for epochs in (100, 200, 400, 800):  # section 4.1: SGD lr 0.08; Adam 1e-2 (100, 200) / 1e-3 (400, 800); ViT 10^-3 ...
     PAPER[f"cifar10_resnet18_sgd_{epochs}ep.yaml"] = ("resnet18_cifar", "momentum", 0.08, epochs, 0.0, 128)
     PAPER[f"cifar10_resnet18_adam_{epochs}ep.yaml"] = ("resnet18_cifar", "adam", 1e-2 if epochs <= 200 else 1e-3,
                                                        epochs, 0.0, 128)
-    PAPER[f"cifar10_vit_adam_{epochs}ep.yaml"] = ("vit_cifar_patch4_32", "adam",
-                                                  {100: 1e-3, 200: 10 ** -3.2, 400: 10 ** -3.5, 800: 10 ** -3.5}[epochs],
-                                                  epochs, 0.0, 128)
+    vit_lr = {100: 1e-3, 200: 10 ** -3.2, 400: 10 ** -3.5, 800: 10 ** -3.5}[epochs]
+    PAPER[f"cifar10_vit_adam_{epochs}ep.yaml"] = ("vit_cifar_patch4_32", "adam", vit_lr, epochs, 0.0, 128)
 PAPER["cifar100_resnet18_200ep.yaml"] = ("resnet18_cifar", "momentum", 0.1, 200, 5e-4, 128)  # section 4.2
 
 
@@ -56,7 +55,7 @@ def test_config_holds_the_papers_values(name):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """CIFAR-10 / CIFAR-100 python pickles and an ImageNet ImageFolder, each with one full update of the configs' batch."""
+    """CIFAR-10 / CIFAR-100 pickles and an ImageNet ImageFolder, each with one full update of the configs' batch."""
     root = tmp_path_factory.mktemp("paper_data")
     datagen.write_cifar(root / "cifar10", num_classes=10, n_train=128, n_test=4)
     datagen.write_cifar(root / "cifar100", num_classes=100, n_train=128, n_test=4)

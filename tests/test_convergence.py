@@ -81,8 +81,8 @@ def test_demo_runs_the_maps_centre_setting_side_by_side_and_writes_plot(tiny_ima
     import yaml
 
     out = tmp_path / "demo"
-    demo.main(["--epochs", "2", "--updates-per-epoch", "1", "--out-dir", str(out), "--map-csv", str(tmp_path / "no.csv"),
-               *tiny_train_args(tiny_imagefolder)])
+    demo.main(["--epochs", "2", "--updates-per-epoch", "1", "--out-dir", str(out),
+               "--map-csv", str(tmp_path / "no.csv"), *tiny_train_args(tiny_imagefolder)])
     text = capsys.readouterr().out
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| epoch")]
     assert [line.split(" | ")[0] for line in lines] == ["| 1", "| 2"]

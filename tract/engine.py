@@ -128,7 +128,8 @@ def build_optimizer(args, model: nn.Module, lr: float, device: Optional[torch.de
 
     A ``fused*`` name whose timm optimizer is torch's gets ``fused=True`` where torch has the kernel for ``device``
     (CUDA, and the CPU: measured 2.2x faster than the for-loop there), else ``foreach=True``. ``--opt-kwargs`` go to
-    the optimizer last and win.
+    the optimizer last and win. With ``--first-layer-opt sgd`` the first layer gets its own torch SGD with momentum
+    and the two are one SplitOptimizer (the paper's Fig. 9).
     """
     from timm.optim import create_optimizer_v2, list_optimizers
 
@@ -188,7 +189,8 @@ def _groups_without(model: nn.Module, weight_decay: float, layer: nn.Module) -> 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """Which implementation steps: the class and, for torch's optimizers, fused / foreach / for-loop."""
     if isinstance(optimizer, SplitOptimizer):
-        return "; ".join(f"{label}: {describe_optimizer(o)}" for label, o in zip(optimizer.labels, optimizer.optimizers))
+        parts = zip(optimizer.labels, optimizer.optimizers)
+        return "; ".join(f"{label}: {describe_optimizer(inner)}" for label, inner in parts)
     cls = type(optimizer)
     defaults = optimizer.defaults
     if defaults.get("fused"):
