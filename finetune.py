@@ -51,7 +51,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = {
     "eval_crop_ratio": 1.0,
 }
 # Taken from the pretraining run: what the weights must fit, and TrAct (the paper finetunes with the pretraining's).
-INHERITED = ("model", "model_kwargs", "in_chans", "tract", "tract_lambda", "tract_layer")
+INHERITED = ("model", "model_kwargs", "in_chans", "patch_norm", "tract", "tract_lambda", "tract_layer")
 # Of those, the ones only the command line may change: a config written for both columns must not pick one.
 TRACT_KEYS = ("tract", "tract_lambda", "tract_layer")
 

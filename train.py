@@ -21,9 +21,9 @@ from tract.checkpoint import TrainState, export_weights, load_checkpoint, repair
 from tract.config import ConfigError, parse_args, save_args
 from tract.data import (DeviceLoader, RASampler, SeededBatches, SeededBatchSampler, build_dataset, build_transform,
                         check_dataset, default_mean_std)
-from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, describe_optimizer, evaluate,
-                          train_one_epoch)
-from tract.models import build_model, count_parameters, plain_state_dict
+from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, describe_first_layer,
+                          describe_optimizer, evaluate, train_one_epoch)
+from tract.models import build_model, count_parameters, describe_patch_norm, plain_state_dict
 from tract.run_folder import place_run
 from tract.run_log import RunLog
 from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, default_num_workers, run_cli
@@ -118,7 +118,9 @@ def main(argv=None) -> None:
             "per-process batch": args.batch_size, "accumulation steps": args.accum_steps,
             "updates per epoch": updates_per_epoch, "epochs": args.epochs, "lr": f"{lr:.6g}",
             "optimizer": f"{type(optimizer).__name__}, eps {optimizer.defaults.get('eps', 'none')}",
+            "first-layer optimizer": describe_first_layer(optimizer),
             "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
+            "patch norm": describe_patch_norm(args.patch_norm),
             "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": output_dir,
             "resume": checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),
             "optimizer implementation": describe_optimizer(optimizer),

@@ -1,41 +1,62 @@
 """Side by side: the same model trained with and without TrAct, same seed, same budget, on Fashion-MNIST.
 
-    bash scripts/env.sh python benchmarks/demo.py              # about 10 minutes on 2 CPU cores, no GPU
+    bash scripts/env.sh python benchmarks/demo.py              # a few minutes on 2 CPU cores, no GPU
     bash scripts/env.sh python benchmarks/demo.py --seed 1     # another seed: how much of the gap is noise
+    bash scripts/env.sh python benchmarks/demo.py --setting patch8   # another setting of the map
 
-Both runs are ``python train.py ...`` (the commands are printed), one CPU thread each, in parallel. Printed: a
-per-epoch table (test top-1 of both, wall time, images/s), how to read it, and where the plot is. The setting is
-the one benchmarks/convergence.py measured (docs/results/): see the README's "Results".
+Both runs are ``python train.py ...`` (the commands are printed), one CPU thread each, in parallel, with the train.py
+arguments of a setting of the map of where TrAct helps (benchmarks/tract_map.py; by default its centre), evaluated
+after every epoch. Printed: a per-epoch table (test top-1 of both, wall time, images/s), how to read it (what the
+map measured: across its settings and at this one, TrAct - vanilla paired by seed), and where the plot is.
 """
 import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import ROOT, Run, load_rows, read_log, train, train_command  # noqa: E402
+import tract_map  # noqa: E402
+from convergence import ROOT, load_rows, train  # noqa: E402
 
-RESULTS = ROOT / "docs" / "results" / "results.csv"
+RESULTS = ROOT / "docs" / "results" / "results.csv"  # convergence.py's CSV: the map's old main setting
+MAP_CSV = ROOT / "docs" / "results" / "tract_map" / "results.csv"
 
 
-def seed_spread(run: Run, csv_path: Path = RESULTS) -> str:
-    """What the benchmark measured for this setting (vanilla's std over seeds, TrAct - vanilla), as a sentence."""
-    rows = [r for r in load_rows(csv_path) if (r["model"], r["opt"], r["inputs"], r["budget"]) ==
-            (run.model, run.opt, run.inputs, run.budget) and np.isclose(r["lr"], run.lr)
-            and r["study"] not in ("lambda", "ablation")]
-    base = [r["acc1"] for r in rows if r["lam"] == 0]
-    tract = [r["acc1"] for r in rows if np.isclose(r["lam"], run.lam)]
-    if len(base) < 2 or not tract:
-        return ("The benchmark has not measured this setting: run benchmarks/convergence.py (or this demo with "
-                "other --seed values) before reading a gap as an effect.")
-    return (f"benchmarks/convergence.py measured this setting over {len(base)} seeds: vanilla "
-            f"{np.mean(base):.2f} ± {np.std(base, ddof=1):.2f}%, TrAct {np.mean(tract):.2f} ± "
-            f"{np.std(tract, ddof=1) if len(tract) > 1 else float('nan'):.2f}% (mean ± std) after {run.budget} "
-            f"epochs. A gap smaller than about two of those standard deviations in one run is within seed noise.")
+def map_reading(setting: str, csv_path: Path = MAP_CSV, old_csv: Path = RESULTS) -> str:
+    """What the map measured, as sentences: how often TrAct was ahead across its settings, and at ``setting``."""
+    # Every line of the map's table counts, the old main setting (from convergence.py's CSV) too, as in its map.md.
+    rows = tract_map.summarise(tract_map.load_rows(csv_path), load_rows(old_csv))
+    if not any(x["setting"] in tract_map.SETTINGS for x in rows):
+        return (f"The map has no results yet ({csv_path} is missing or empty): run benchmarks/tract_map.py, or this "
+                "demo with other --seed values, before reading a one-seed gap as an effect.")
+    ahead, behind = sum(x["low"] > 0 for x in rows), sum(x["high"] < 0 for x in rows)
+    text = (f"Across the map's {len(rows)} settings (benchmarks/tract_map.py, TrAct - vanilla paired by seed, 95% "
+            f"bootstrap intervals), TrAct was ahead (interval above 0) in {ahead}, behind (below 0) in {behind} and "
+            f"undecided in {len(rows) - ahead - behind}; its mean was ahead in {sum(x['diff'] > 0 for x in rows)} of "
+            f"{len(rows)}.")
+    here = next((x for x in rows if x["setting"] == setting), None)
+    if here is None:
+        return text + f" The map has no finished pair for this setting ({setting}) yet."
+    return text + (f" At this setting ({here['change']}) the map measured {here['diff']:+.2f} points "
+                   f"[{here['low']:+.2f}, {here['high']:+.2f}] over {here['n']} seeds, TrAct ahead on {here['ahead']} "
+                   f"of them: one seed's gap above is one draw from that spread.")
+
+
+def with_values(cmd: List[str], values: Dict[str, Optional[int]]) -> List[str]:
+    """``cmd`` with each flag's value replaced (or the flag added); a value of None leaves the flag as it is."""
+    cmd = list(cmd)
+    for flag, value in values.items():
+        if value is None:
+            continue
+        if flag in cmd:
+            cmd[cmd.index(flag) + 1] = str(value)
+        else:
+            cmd += [flag, str(value)]
+    return cmd
 
 
 def table(logs: List[List[dict]]) -> str:
@@ -69,27 +90,26 @@ def plot(logs: List[List[dict]], lam: float, path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit", choices=["vit", "resnet"], help="the benchmark's model")
-    p.add_argument("--opt", default="adam", choices=["adam", "sgd"], help="the benchmark's optimizer")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (the benchmark's grid choice)")
-    p.add_argument("--inputs", default="standardised", choices=["standardised", "[0,1]", "[0,255]"])
-    p.add_argument("--lam", type=float, default=0.1, help="TrAct's lambda")
-    p.add_argument("--epochs", type=int, default=4, help="epoch budget (one cosine schedule)")
-    p.add_argument("--updates-per-epoch", type=int, default=50, help="updates of 128 images per epoch (0 = all)")
+    p.add_argument("--setting", default="centre", choices=list(tract_map.SETTINGS),
+                   help="the map's setting whose train.py arguments both runs use")
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget (one cosine schedule); default the setting's")
+    p.add_argument("--updates-per-epoch", type=int, default=None,
+                   help="updates per epoch (train.py --max-updates-per-epoch); default the setting's")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs")
-    p.add_argument("--in-chans", type=int, default=1, help="input channels (1: Fashion-MNIST as grayscale)")
+    p.add_argument("--map-csv", type=Path, default=MAP_CSV, help="the map's CSV, read for how to read the result")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="run folders, table and plot; default output/demo/<YYYYmmdd-HHMMSS>")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="the rest goes to both train.py runs")
     cfg = p.parse_args(argv)
     cfg.out_dir = cfg.out_dir or ROOT / "output" / "demo" / time.strftime("%Y%m%d-%H%M%S")
 
-    runs = [Run(cfg.model, cfg.opt, cfg.lr, cfg.inputs, lam, cfg.epochs, cfg.seed) for lam in (0.0, cfg.lam)]
-    folders = [cfg.out_dir / run.name() for run in runs]
+    folders = [cfg.out_dir / f"{cfg.setting}-{arm}-s{cfg.seed}" for arm in ("vanilla", "tract")]
     if any(f.exists() for f in folders):
         raise SystemExit(f"demo.py: {cfg.out_dir} already holds these runs: pass another --out-dir")
-    cmds = [train_command(run, cfg.updates_per_epoch or None, cfg.in_chans, cfg.train_args, folder)
-            for run, folder in zip(runs, folders)]
+    # The map evaluates once, at the end; the demo every epoch (evaluation leaves training's random stream alone).
+    changes = {"--val-interval": 1, "--epochs": cfg.epochs, "--max-updates-per-epoch": cfg.updates_per_epoch}
+    cmds = [with_values(tract_map.command(cfg.setting, arm, cfg.seed, folder), changes) + cfg.train_args
+            for arm, folder in zip(("vanilla", "tract"), folders)]
     print("TrAct side by side, both in parallel, one CPU thread each:")
     for cmd in cmds:
         print("  python " + " ".join(c for c in cmd[1:]).replace(str(ROOT) + "/", ""))
@@ -100,11 +120,11 @@ def main(argv=None) -> None:
     print(table(logs))
     base, tract = logs[0][-1]["test_acc1"], logs[1][-1]["test_acc1"]
     ratio = np.median([r["epoch_time"] for r in logs[1]]) / np.median([r["epoch_time"] for r in logs[0]])
-    print(f"\nAfter {cfg.epochs} epochs: vanilla {base:.2f}%, TrAct {tract:.2f}% ({tract - base:+.2f} points); "
+    print(f"\nAfter {len(logs[0])} epochs: vanilla {base:.2f}%, TrAct {tract:.2f}% ({tract - base:+.2f} points); "
           f"TrAct's epoch took {ratio:.2f}x vanilla's (median; both shared this machine).")
     print("How to read it: both runs start from the same initialisation and see the same images in the same order; "
-          "only the first layer's weight update differs. " + seed_spread(runs[1]))
-    plot(logs, cfg.lam, cfg.out_dir / "demo.png")
+          "only the first layer's weight update differs. " + map_reading(cfg.setting, cfg.map_csv))
+    plot(logs, tract_map.LAMBDA, cfg.out_dir / "demo.png")
     (cfg.out_dir / "demo.md").write_text(table(logs) + "\n")
     print(f"plot: {cfg.out_dir / 'demo.png'}  table: {cfg.out_dir / 'demo.md'}  runs: {folders[0].parent}")
 

@@ -77,18 +77,57 @@ def test_benchmark_writes_csv_table_and_plot_and_a_rerun_skips_finished_runs(tin
         assert len(list(csv.DictReader(f))) == 4
 
 
-def test_demo_prints_per_epoch_table_of_both_arms_and_writes_plot(tiny_imagefolder, tmp_path, capsys):
+def test_demo_runs_the_maps_centre_setting_side_by_side_and_writes_plot(tiny_imagefolder, tmp_path, capsys):
+    import yaml
+
     out = tmp_path / "demo"
-    demo.main(["--epochs", "2", "--updates-per-epoch", "1", "--out-dir", str(out), *tiny_train_args(tiny_imagefolder)])
+    demo.main(["--epochs", "2", "--updates-per-epoch", "1", "--out-dir", str(out),
+               "--map-csv", str(tmp_path / "no.csv"), *tiny_train_args(tiny_imagefolder)])
     text = capsys.readouterr().out
     lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| epoch")]
     assert [line.split(" | ")[0] for line in lines] == ["| 1", "| 2"]
     assert "--no-tract" in text and "--tract --tract-lambda 0.1" in text
-    assert "How to read it" in text
+    # the printed commands set the budget and the per-epoch evaluation once each, over the centre's values
+    assert text.count("--epochs 2 ") == text.count("--val-interval 1 ") == 2 and "--epochs 3" not in text
+    assert "How to read it" in text and "The map has no results yet" in text
     assert (out / "demo.png").stat().st_size > 0
-    logs = [convergence.read_log(p) for p in sorted(out.iterdir()) if p.is_dir()]
-    assert [len(log) for log in logs] == [2, 2]
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    logs = [convergence.read_log(p) for p in runs]
+    assert [len(log) for log in logs] == [2, 2]  # evaluated after every epoch, not only at the end as in the map
     assert not any(math.isnan(log[-1]["test_acc1"]) for log in logs)
+    for run in runs:  # the map's centre (the issue's second setting), with the demo's tiny budget on top
+        args = yaml.safe_load((run / "args.yaml").read_text())
+        assert (args["model"], args["model_kwargs"]) == ("vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 64,
+                                                                                  "depth": 2, "num_heads": 2})
+        assert (args["input_size"], args["opt"], args["lr"], args["unscale_lr"], args["smoothing"]) == (
+            32, "adamw", 1e-3, True, 0.0)
+        assert (args["epochs"], args["max_updates_per_epoch"], args["batch_size"]) == (2, 1, 4)
+    assert [yaml.safe_load((r / "args.yaml").read_text())["tract"] for r in runs] == [True, False]  # tract, vanilla
+
+
+def write_map_csv(path, results):
+    """A map CSV in tract_map's format: {(setting, arm): [top-1 of seed 0, seed 1, ...]}."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "arm", "seed", "acc1", "acc5", "wall_s"])
+        for (setting, arm), accs in results.items():
+            for seed, acc in enumerate(accs):
+                writer.writerow([setting, arm, seed, acc, 90.0, 10.0])
+
+
+def test_demo_reads_how_often_tract_was_ahead_across_the_map_and_at_its_setting(tmp_path):
+    path = tmp_path / "results.csv"
+    write_map_csv(path, {("centre", "vanilla"): [50.0, 52.0], ("centre", "tract"): [53.0, 55.0],      # +3, +3
+                         ("patch8", "vanilla"): [50.0, 50.0], ("patch8", "tract"): [48.0, 47.0],      # -2, -3
+                         ("gray", "vanilla"): [40.0, 40.0], ("gray", "tract"): [41.0, 38.0]})         # +1, -2
+    text = demo.map_reading("centre", path, tmp_path / "no-old.csv")
+    assert ("Across the map's 3 settings" in text and "ahead (interval above 0) in 1, behind (below 0) in 1 and "
+            "undecided in 1; its mean was ahead in 1 of 3." in text)
+    assert "At this setting (the centre setting) the map measured +3.00 points [+3.00, +3.00] over 2 seeds, TrAct " \
+           "ahead on 2 of them" in text
+    assert "no finished pair for this setting (lr-low)" in demo.map_reading("lr-low", path, tmp_path / "no-old.csv")
+    assert demo.map_reading("centre", tmp_path / "missing.csv", tmp_path / "no-old.csv").startswith(
+        "The map has no results yet")
 
 
 def test_resnet18_cifar_keeps_full_resolution_in_the_stem_and_tract_wraps_its_first_conv():

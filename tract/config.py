@@ -21,9 +21,14 @@ import yaml
 
 from tract.data import DATASETS
 
-__all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "command_line_keys",
-           "validate_args", "load_config", "save_args", "parse_model_kwargs"]
+__all__ = ["ConfigError", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
+           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs"]
 
+# --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
+FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
+# --patch-norm (Fig. 7): none; "patch" = every input patch standardised on its own; "dual" = DualPatchNorm (Kumar et
+# al. 2023), LayerNorm with affine over each flattened patch before the patch embedding and after it.
+PATCH_NORMS = ("none", "patch", "dual")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 
 
@@ -123,6 +128,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                         "ramp; None = uniform for DeiT III models, linear otherwise")
     g.add_argument("--layer-scale-init", type=float, default=None,
                    help="LayerScale init value; None = 1e-4 for DeiT III models, the timm model's own otherwise")
+    g.add_argument("--patch-norm", default="none", choices=PATCH_NORMS,
+                   help="ViTs with a kernel == stride patch embedding (the paper's Fig. 7): 'patch' standardises every "
+                        "input patch on its own, 'dual' is DualPatchNorm (LayerNorm before and after the patch "
+                        "embedding); TrAct sees the normalised patches. A model trained with it needs it to load")
     g.add_argument("--finetune", default=None, metavar="WEIGHTS", help="start from these weights (finetune.py)")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (TrAct included) with this backend (timm's flag; alone: inductor)")
@@ -154,16 +163,30 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
+    g.add_argument("--first-layer-opt", default="same", choices=FIRST_LAYER_OPTIMIZERS,
+                   help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
+                        "on its own SGD with momentum while the rest keeps --opt (the paper's Fig. 9)")
+    g.add_argument("--first-layer-lr-mult", type=float, default=1.0,
+                   help="with --first-layer-opt sgd: the first layer's lr over the rest's, at every update of the "
+                        "same schedule (warmup, decay)")
+    g.add_argument("--first-layer-momentum", type=float, default=0.9,
+                   help="with --first-layer-opt sgd: its momentum (the paper: SGD with momentum; 0.9 as its SGD runs)")
+    g.add_argument("--first-layer-weight-decay", type=float, default=0.0,
+                   help="with --first-layer-opt sgd: its L2 weight decay (the paper gives none; 0 leaves the layer's "
+                        "update TrAct's alone)")
 
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "poly", "constant"),
+    g.add_argument("--sched", default="cosine", choices=("cosine", "tanh", "step", "multistep", "poly", "constant"),
                    help="timm scheduler")
     g.add_argument("--epochs", type=int, default=3, help="epochs to train")
     g.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear warmup from --warmup-lr")
     g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of warmup")
     g.add_argument("--min-lr", type=float, default=1e-5, help="lr floor of the schedule")
     g.add_argument("--decay-epochs", type=float, default=30, help="epochs between decays (step schedule)")
-    g.add_argument("--decay-rate", type=float, default=0.1, help="lr decay factor (step schedule)")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
+                   help="multistep schedule: the lr is multiplied by --decay-rate after each of these many epochs "
+                        "(torch's MultiStepLR meaning: 60 120 160 = 60 epochs at --lr, 60 at the next, ...)")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="lr decay factor (step and multistep schedules)")
     g.add_argument("--sched-on-updates", action=bool_flag, default=False,
                    help="step the lr every optimizer update instead of once per epoch (DeiT: per epoch)")
 
@@ -384,9 +407,25 @@ def validate_args(args: argparse.Namespace) -> None:
                               f"{example}; got {' '.join(map(str, args.opt_betas))}")
     if not 0 <= args.momentum < 1 + 1e-9:
         raise ConfigError(f"--momentum must be in [0, 1], got {args.momentum}")
+    if not (args.first_layer_lr_mult > 0 and math.isfinite(args.first_layer_lr_mult)):
+        raise ConfigError(f"--first-layer-lr-mult must be > 0, got {args.first_layer_lr_mult}")
+    if not 0 <= args.first_layer_momentum < 1:
+        raise ConfigError(f"--first-layer-momentum must be in [0, 1), got {args.first_layer_momentum}")
+    if not (args.first_layer_weight_decay >= 0 and math.isfinite(args.first_layer_weight_decay)):
+        raise ConfigError(f"--first-layer-weight-decay must be >= 0, got {args.first_layer_weight_decay}")
+    if args.first_layer_opt == "same" and args.first_layer_lr_mult != 1:
+        raise ConfigError(f"--first-layer-lr-mult {args.first_layer_lr_mult:g} applies to the first layer's own "
+                          "optimizer: add --first-layer-opt sgd (or leave the multiplier at 1)")
     if args.sched == "step" and not (args.decay_epochs > 0 and 0 < args.decay_rate <= 1):
         raise ConfigError(f"--sched step needs --decay-epochs > 0 and --decay-rate in (0, 1], got "
                           f"{args.decay_epochs} and {args.decay_rate}")
+    if args.sched == "multistep":
+        milestones = args.decay_milestones or []
+        if not (milestones and milestones[0] > 0 and all(a < b for a, b in zip(milestones, milestones[1:]))
+                and 0 < args.decay_rate <= 1):
+            raise ConfigError(f"--sched multistep needs --decay-milestones: increasing epoch counts > 0, e.g. "
+                              f"--decay-milestones 60 120 160, and --decay-rate in (0, 1]; got {milestones or 'none'} "
+                              f"and {args.decay_rate}")
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] <= args.cutmix_minmax[1] <= 1:
         raise ConfigError(f"--cutmix-minmax takes MIN MAX with 0 < MIN <= MAX <= 1, got "
                           f"{args.cutmix_minmax[0]} {args.cutmix_minmax[1]}")

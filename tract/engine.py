@@ -6,7 +6,8 @@ therefore sees exactly the lr sequence of an uninterrupted one (DeiT's resume ru
 """
 import math
 import time
-from typing import Callable, Dict, Iterable, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,9 @@ from torch import nn
 
 from tract.checkpoint import TrainState
 
-__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "build_optimizer", "describe_optimizer", "build_scheduler",
-           "build_criterion", "build_mixup", "mixup_active", "train_one_epoch", "evaluate"]
+__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name",
+           "build_optimizer", "describe_optimizer", "describe_first_layer", "build_scheduler", "build_criterion",
+           "build_mixup", "mixup_active", "train_one_epoch", "evaluate"]
 
 # DeiT's apex optimizers -> timm's names. timm's lamb clips the global gradient norm at max_grad_norm=1.0 before its
 # update, as apex FusedLAMB does (timm/optim/lamb.py: _get_clip_grad_norm).
@@ -26,12 +28,108 @@ OPTIMIZER_ALIASES = {"fusedlamb": "lamb", "fusedadam": "adam", "fusedadamw": "ad
 TORCH_FUSED = ("adam", "adamw", "sgd")
 
 
+class SplitOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, stepped, scheduled and saved as one (paper Fig. 9: the first
+    layer on SGD, the rest on ``--opt``).
+
+    ``param_groups`` are the inner optimizers' own group dicts, in order, so a scheduler that sets each group's lr
+    (timm's, which multiplies by a group's ``lr_scale``) reaches them. ``state_dict`` is one ordinary torch optimizer
+    state, parameters numbered across the inner optimizers in order, so Accelerate's prepare / save_state and the
+    checkpoint code handle it like any optimizer; ``load_state_dict`` splits it back by group counts.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], labels: Optional[Sequence[str]] = None):
+        self.optimizers = list(optimizers)
+        self.labels = list(labels) if labels is not None else [type(o).__name__ for o in self.optimizers]
+        params = [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
+        # torch's __init__ sets up the hooks and refuses a parameter held twice; its own groups and state are
+        # replaced by the inner optimizers' below (the defaults are the first, main optimizer's: eps, fused, ...).
+        super().__init__(params, dict(self.optimizers[0].defaults))
+        self._link_groups()
+
+    def _link_groups(self) -> None:
+        # torch's load_state_dict gives an optimizer new group dicts: link to the current ones after every load.
+        self.param_groups = [group for o in self.optimizers for group in o.param_groups]
+
+    @property
+    def state(self) -> MappingProxyType:
+        """Every parameter's optimizer state (read-only: each inner optimizer owns its own)."""
+        return MappingProxyType({p: s for o in self.optimizers for p, s in o.state.items()})
+
+    @state.setter
+    def state(self, value) -> None:
+        if value:  # torch's __init__ assigns an empty state; anything else would be silently lost
+            raise AttributeError("a SplitOptimizer's state belongs to its inner optimizers: load_state_dict instead")
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Step every inner optimizer (a closure is evaluated once, before)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients of every inner optimizer's parameters."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """One torch optimizer state dict: the inner ones concatenated, parameter indices offset in order."""
+        state: Dict[int, Any] = {}
+        groups: List[Dict[str, Any]] = []
+        offset = 0
+        for optimizer in self.optimizers:
+            inner = optimizer.state_dict()
+            state.update({index + offset: value for index, value in inner["state"].items()})
+            groups += [{**group, "params": [i + offset for i in group["params"]]} for group in inner["param_groups"]]
+            offset += sum(len(group["params"]) for group in optimizer.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load what ``state_dict`` returned: each inner optimizer gets its groups and their parameters' state."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the optimizer state has {len(groups)} parameter groups, this {' + '.join(self.labels)} "
+                             f"split has {len(self.param_groups)}: it was saved with another --first-layer-opt / --opt")
+        first_group, offset = 0, 0
+        for optimizer in self.optimizers:
+            mine = groups[first_group:first_group + len(optimizer.param_groups)]
+            indices = {i for group in mine for i in group["params"]}
+            optimizer.load_state_dict({
+                "state": {i - offset: value for i, value in state_dict["state"].items() if i in indices},
+                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in mine]})
+            first_group += len(mine)
+            offset += sum(len(group["params"]) for group in mine)
+        self._link_groups()
+
+
+def first_layer_name(args, model: nn.Module) -> str:
+    """The layer --tract wraps (or would wrap): the one TrAct layer, else ``--tract-layer``, else find_first_layer."""
+    from tract import TrAct, find_first_layer
+    from tract.config import ConfigError
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, TrAct)]
+    if len(wrapped) == 1:
+        return wrapped[0]
+    try:
+        name = args.tract_layer or find_first_layer(model)
+        model.get_submodule(name)
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"cannot find the model's first layer: {e} (name it with --tract-layer)") from None
+    return name
+
+
 def build_optimizer(args, model: nn.Module, lr: float, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
     """timm's create_optimizer_v2 (no weight decay on 1-D params, biases, pos_embed, cls_token) at ``lr``.
 
     A ``fused*`` name whose timm optimizer is torch's gets ``fused=True`` where torch has the kernel for ``device``
     (CUDA, and the CPU: measured 2.2x faster than the for-loop there), else ``foreach=True``. ``--opt-kwargs`` go to
-    the optimizer last and win.
+    the optimizer last and win. With ``--first-layer-opt sgd`` the first layer gets its own torch SGD with momentum
+    and the two are one SplitOptimizer (the paper's Fig. 9).
     """
     from timm.optim import create_optimizer_v2, list_optimizers
 
@@ -59,15 +157,40 @@ def build_optimizer(args, model: nn.Module, lr: float, device: Optional[torch.de
         device_type = (device or torch.device("cpu")).type
         kwargs.update({"fused": True} if device_type in _get_fused_kernels_supported_devices() else {"foreach": True})
     kwargs.update(args.opt_kwargs)
+    first = first_layer_name(args, model) if args.first_layer_opt == "sgd" else None
+    params = model if first is None else _groups_without(model, args.weight_decay, model.get_submodule(first))
     try:
-        return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        main = create_optimizer_v2(params, opt=name, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
                                    **kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ConfigError(f"--opt {args.opt} refused its arguments {kwargs}: {e}; check --opt-kwargs") from None
+    if first is None:
+        return main
+    # The schedule's base is the main lr ('initial_lr', which timm's scheduler keeps); timm sets each group's lr to
+    # schedule(t) x 'lr_scale', so the first layer's lr is --first-layer-lr-mult x the rest's at every update.
+    layer_group = {"params": list(model.get_submodule(first).parameters()), "lr": lr * args.first_layer_lr_mult,
+                   "initial_lr": lr, "lr_scale": args.first_layer_lr_mult}
+    sgd = torch.optim.SGD([layer_group], lr=lr * args.first_layer_lr_mult, momentum=args.first_layer_momentum,
+                          weight_decay=args.first_layer_weight_decay)
+    return SplitOptimizer([main, sgd], labels=[type(main).__name__, f"SGD for {first}"])
+
+
+def _groups_without(model: nn.Module, weight_decay: float, layer: nn.Module) -> List[Dict[str, Any]]:
+    """timm's weight-decay parameter groups of ``model`` (as create_optimizer_v2 makes them), ``layer`` left out."""
+    from timm.optim import param_groups_weight_decay
+
+    left_out = {id(p) for p in layer.parameters()}
+    no_weight_decay = getattr(model, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay)
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in left_out]} for g in groups]
+    return [g for g in groups if g["params"]]
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     """Which implementation steps: the class and, for torch's optimizers, fused / foreach / for-loop."""
+    if isinstance(optimizer, SplitOptimizer):
+        parts = zip(optimizer.labels, optimizer.optimizers)
+        return "; ".join(f"{label}: {describe_optimizer(inner)}" for label, inner in parts)
     cls = type(optimizer)
     defaults = optimizer.defaults
     if defaults.get("fused"):
@@ -83,9 +206,27 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     return f"{cls.__module__}.{cls.__name__}, {how}"
 
 
+def describe_first_layer(optimizer: torch.optim.Optimizer) -> str:
+    """The first layer's optimizer, as the dry run prints it (read from the optimizer built)."""
+    if not isinstance(optimizer, SplitOptimizer):
+        return "with the rest (--first-layer-opt same)"
+    group = optimizer.optimizers[-1].param_groups[0]
+    return (f"{optimizer.labels[-1]}, momentum {group['momentum']:g}, lr {group['lr_scale']:g} x the rest's on the "
+            f"same schedule, weight decay {group['weight_decay']:g}; the rest {optimizer.labels[0]}")
+
+
 def build_scheduler(args, optimizer, updates_per_epoch: int):
     """timm's create_scheduler_v2, stepped per epoch (DeiT) or per update (``--sched-on-updates``)."""
-    from timm.scheduler import create_scheduler_v2
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+
+    if args.sched == "multistep":
+        unit = updates_per_epoch if args.sched_on_updates else 1
+        # timm applies a milestone m from step m - 1 (its convention, timm/scheduler/multistep_lr.py); m x unit + 1
+        # changes the lr after m whole epochs, as torch's MultiStepLR and the paper's "60 epochs at 0.1" mean.
+        return MultiStepLRScheduler(optimizer, decay_t=[m * unit + 1 for m in args.decay_milestones],
+                                    decay_rate=args.decay_rate, warmup_t=args.warmup_epochs * unit,
+                                    warmup_lr_init=args.warmup_lr, warmup_prefix=False,
+                                    t_in_epochs=not args.sched_on_updates)
 
     scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
                                        decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,

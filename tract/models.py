@@ -21,8 +21,9 @@ from torch import nn
 
 from tract.config import ConfigError
 
-__all__ = ["vit_pico_patch7_28", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS", "resolve_model_name",
-           "optimizer_eps", "build_model", "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
+__all__ = ["vit_pico_patch7_28", "vit_cifar_patch4_32", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS",
+           "PatchNorm", "add_patch_norm", "describe_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
+           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -35,6 +36,65 @@ DEIT3_MODELS = {
 DEIT3_LAYER_SCALE_INIT = 1e-4  # DeiT III models_v2.py: init_scale=1e-4 (timm's deit3_*: 1e-6)
 DEIT3_CLS_TOKEN_STD = 0.02  # DeiT III models_v2.py: trunc_normal_(self.cls_token, std=.02) (timm: normal, std 1e-6)
 DEIT_OPT_EPS = 1e-8  # DeiT main.py: --opt-eps default, passed to every optimizer (timm's Lamb: 1e-6)
+PATCH_NORM_EPS = 1e-6  # timm's ViT LayerNorm eps; a constant patch (a black background) becomes 0, not NaN
+
+
+class PatchNorm(nn.LayerNorm):
+    """LayerNorm over each non-overlapping patch of an image (its C x p x p values, flattened in the order of a
+    convolution's weight), returning the image in its shape: what a kernel == stride patch embedding then sees.
+
+    Without affine (``elementwise_affine=False``) every patch is standardised to mean 0 and std 1 on its own.
+    """
+
+    def __init__(self, in_chans: int, patch_size: Tuple[int, int], *, elementwise_affine: bool = True,
+                 eps: float = PATCH_NORM_EPS):
+        super().__init__(in_chans * patch_size[0] * patch_size[1], eps=eps, elementwise_affine=elementwise_affine)
+        self.patch_size = tuple(patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.patch_size
+        patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)  # B, rows, cols, C, ph, pw
+        normed = super().forward(patches.reshape(*patches.shape[:3], -1)).reshape(patches.shape)
+        return normed.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def describe_patch_norm(mode: str) -> str:
+    """--patch-norm as the dry run prints it."""
+    return {"none": "none", "patch": "patch: every input patch standardised on its own before patch_embed.proj",
+            "dual": "dual (DualPatchNorm): LayerNorm over each input patch before patch_embed.proj and over each "
+                    "token after it"}[mode]
+
+
+def _normalise_patches(embed: nn.Module, args: Tuple) -> Tuple:
+    """Forward pre-hook of a patch embedding: its input image, patch-normalised, is what its projection sees."""
+    return (embed.pre_norm(args[0]), *args[1:])
+
+
+def add_patch_norm(model: nn.Module, mode: str, *, name: str = "the model") -> None:
+    """Put patch normalisation (``patch``) or DualPatchNorm (``dual``) around a timm ViT's patch embedding.
+
+    The norm in front is ``patch_embed.pre_norm``, run by a forward pre-hook of ``patch_embed``, so
+    ``patch_embed.proj`` (the layer TrAct wraps) sees the normalised patches; DualPatchNorm's second LayerNorm goes
+    in timm's own slot after the projection, ``patch_embed.norm``. Only ``dual`` adds weights (both norms' affine).
+    """
+    from timm.layers import PatchEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    fits = (isinstance(embed, PatchEmbed) and type(proj) is nn.Conv2d and proj.kernel_size == proj.stride
+            and proj.padding == (0, 0) and proj.dilation == (1, 1) and proj.groups == 1
+            and not getattr(embed, "dynamic_img_pad", False))
+    if not fits:
+        found = (f"patch_embed.proj = {proj}" if proj is not None else
+                 f"patch_embed = {type(embed).__name__}" if embed is not None else "no patch_embed")
+        raise ConfigError(f"--patch-norm {mode} normalises the patches of a ViT whose patch embedding is one "
+                          f"convolution with kernel == stride (timm's PatchEmbed: vit_*, deit3_*); {name} has {found}: "
+                          "leave out --patch-norm (or pass --patch-norm none)")
+    embed.pre_norm = PatchNorm(proj.in_channels, proj.kernel_size, elementwise_affine=mode == "dual")
+    embed.register_forward_pre_hook(_normalise_patches)
+    if mode == "dual":
+        embed.norm = nn.LayerNorm(proj.out_channels, eps=PATCH_NORM_EPS)
 
 
 @register_model
@@ -47,6 +107,19 @@ def vit_pico_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     cfg = dict(input_size=(3, 28, 28), first_conv="patch_embed.proj", classifier="head", num_classes=10)
     model_args = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)
     return build_model_with_cfg(VisionTransformer, "vit_pico_patch7_28", pretrained, pretrained_cfg=cfg,
+                                **{**model_args, **kwargs})
+
+
+@register_model
+def vit_cifar_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The paper's CIFAR ViT (its section 4.1, after github.com/omihub777/ViT-CIFAR): 32-px images in 8x8 patches of
+    4 px (64 tokens and a class token), width 384, 7 blocks of 12 heads, MLP hidden 384 (ViT-CIFAR's), no dropout."""
+    if pretrained:
+        raise ValueError("vit_cifar_patch4_32 has no pretrained weights")
+    kwargs.pop("pretrained_cfg", None)
+    cfg = dict(input_size=(3, 32, 32), first_conv="patch_embed.proj", classifier="head", num_classes=10)
+    model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=7, num_heads=12, mlp_ratio=1.0)
+    return build_model_with_cfg(VisionTransformer, "vit_cifar_patch4_32", pretrained, pretrained_cfg=cfg,
                                 **{**model_args, **kwargs})
 
 
@@ -145,6 +218,8 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
                               "check --model-kwargs / --layer-scale-init for this model") from None
 
     check_patch_grid(model, args.input_size)
+    if args.patch_norm != "none":  # before any weights load: a --patch-norm run's weights hold the norms' keys
+        add_patch_norm(model, args.patch_norm, name=f"'{name}'")
     if deit3 and getattr(model, "cls_token", None) is not None:
         # The class token's gradient at timm's 1e-6 init dominates the global norm (6.3 vs 0.5), so LAMB's clip at
         # 1.0 would scale every other gradient down about 6x until the token grows.
