@@ -22,7 +22,8 @@ The protocol, written down (and committed) before any of its runs:
   (``lr-low`` 3e-4, ``lr-high`` 3e-3); optimizer (``sgd``: timm's ``sgd``, Nesterov momentum 0.9, lr 0.01, weight
   decay 5e-4 for the whole model, lr from the earlier benchmark's grid; ``split``: AdamW for the model, plain SGD
   momentum 0.9 for the first layer only at 10x AdamW's lr, i.e. the ``sgd`` setting's 0.01: the paper's Fig. 9, whose
-  rates it does not give); budget (``budget1``: 1 epoch, ``budget9``: 9 epochs); input normalisation (``patchnorm``: every patch standardised on its own; ``dualpatchnorm``: LayerNorm before and after the patch
+  rates it does not give); budget (``budget1``: 1 epoch, ``budget9``: 9 epochs); input normalisation
+  (``patchnorm``: every patch standardised on its own; ``dualpatchnorm``: LayerNorm before and after the patch
   embedding; the paper's Fig. 7, TrAct composed with them).
 - The earlier benchmark's main setting (ViT 7-px patches, 1 channel, ``--src``, smoothing 0.1, batch 128, 4 epochs
   of 50 updates, AdamW 1e-3, seeds 0-4) stays in the map as the point ``old-main``, read from its CSV
