@@ -32,7 +32,8 @@ import torch
 from tract.config import ConfigError
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "save_checkpoint", "verify_checkpoint",
-           "resolve_resume", "load_checkpoint", "repair_links", "export_weights", "parameters_finite", "MANIFEST"]
+           "resolve_resume", "load_checkpoint", "repair_links", "settle_resume", "export_weights",
+           "parameters_finite", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -126,6 +127,23 @@ def repair_links(root: Path, state: TrainState) -> None:
     link = Path(root) / "best"
     if name and (Path(root) / name).is_dir() and not (link.is_symlink() and os.readlink(link) == name):
         _relink(Path(root), "best", name)
+
+
+def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
+    """After loading a checkpoint: take the best epoch from the run's log (the record of evaluations) and repoint
+    ``best``; True when the checkpoint's last epoch still awaits its evaluation and log line (a kill came between).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    logged = [run_log.has(state.epoch - 1)] if accelerator.is_main_process else [None]
+    broadcast_object_list(logged)
+    if accelerator.is_main_process:
+        evaluated = [r for r in run_log.records if "test_acc1" in r]
+        if evaluated:
+            best = max(evaluated, key=lambda r: r["test_acc1"])
+            state.best_acc1, state.best_epoch = best["test_acc1"], best["epoch"]
+            repair_links(root, state)
+    return bool(state.pending) and not logged[0]
 
 
 def _prune(root: Path, keep: int, state: TrainState) -> None:

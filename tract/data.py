@@ -15,8 +15,9 @@ timm, torchvision and scipy are imported inside the functions so that ``import t
 import gzip
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
-           "SeededBatches", "DeviceLoader"]
+           "SeededBatches", "DeviceLoader", "TrainData", "build_train_data"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -514,3 +515,113 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+@dataclass
+class TrainData:
+    """What train.py reads: both splits, their loaders, and how batches reach the device."""
+
+    name: str
+    train_set: Dataset
+    val_set: Dataset
+    num_classes: int
+    train_loader: Any  # per process (the sampler shards); not given to accelerator.prepare
+    val_loader: Any  # given to accelerator.prepare, which shards it
+    batches: SeededBatchSampler
+    updates_per_epoch: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    prefetcher: bool
+    workers: int
+    persistent_workers: bool
+    prefetch_factor: Optional[int]
+    device: torch.device
+    erasing: Dict[str, Any]  # reprob, remode, recount: random erasing on the device with the prefetcher
+    _epoch_loader: Any = None
+
+    def on_device(self, loader):
+        """``loader`` through the device input path when the prefetcher is on (one CUDA stream per call: call once)."""
+        return DeviceLoader(loader, self.mean, self.std, self.device, **self.erasing) if self.prefetcher else loader
+
+    def epoch_loader(self, epoch: int, skip_batches: int = 0):
+        """This process's training batches of ``epoch``, the first ``skip_batches`` skipped unloaded (a resume)."""
+        self.batches.set_epoch(epoch)
+        if skip_batches:
+            from accelerate import skip_first_batches
+
+            return self.on_device(skip_first_batches(self.train_loader, skip_batches))
+        if self._epoch_loader is None:  # built once: PrefetchLoader keeps one CUDA stream for its lifetime
+            self._epoch_loader = self.on_device(self.train_loader)
+        return self._epoch_loader
+
+    def describe_input_path(self) -> str:
+        """Where batches are made and normalised (the dry-run summary's line)."""
+        how = (f"uint8 from {self.workers} workers, normalised on {self.device} one batch ahead (timm's "
+               "PrefetchLoader)" if self.prefetcher else f"float32 normalised in {self.workers} workers")
+        return how + (f", persistent, {self.prefetch_factor or 2} batches ahead per worker"
+                      if self.persistent_workers else "")
+
+
+def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -> TrainData:
+    """Transforms, both splits and their loaders for train.py's ``args``; a bad dataset or augmentation is refused.
+
+    Augmentation is seeded per batch from (seed, process, epoch, position) (``SeededBatchSampler``), so batches are
+    the same with persistent workers and after a resume that skips batches.
+    """
+    from timm.data.loader import fast_collate
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from tract.config import ConfigError
+
+    name = args.data_set or ("IMNET" if args.data_path else "FMNIST")
+    mean, std = default_mean_std(args.in_chans)
+    mean, std = args.mean or mean, args.std or std
+    # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
+    prefetcher = args.prefetcher if args.prefetcher is not None else accelerator.device.type == "cuda"
+    try:
+        train_tf = build_transform(True, args.input_size, three_augment=args.three_augment,
+                                   simple_random_crop=args.src, color_jitter=args.color_jitter,
+                                   auto_augment=args.aa, reprob=args.reprob, remode=args.remode,
+                                   recount=args.recount, mean=mean, std=std,
+                                   interpolation=args.train_interpolation, use_prefetcher=prefetcher)
+    except (AssertionError, KeyError, ValueError) as e:  # timm's policy parser asserts on what it cannot read
+        if not args.aa:
+            raise
+        raise ConfigError(f"--aa {args.aa}: timm cannot read this augmentation policy ({e or type(e).__name__}); "
+                          "e.g. --aa rand-m9-mstd0.5-inc1") from None
+    eval_tf = build_transform(False, args.input_size, eval_crop_ratio=args.eval_crop_ratio, mean=mean, std=std,
+                              interpolation=args.train_interpolation)
+    with accelerator.main_process_first():  # only one process downloads
+        check_dataset(name, args.data_path, download=args.download)
+        train_set, num_classes = build_dataset(name, args.data_path, True, train_tf, download=args.download,
+                                               in_chans=args.in_chans)
+        val_set, _ = build_dataset(name, args.data_path, False, eval_tf, in_chans=args.in_chans)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.repeated_aug and world > 1:
+        sampler = RASampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    else:
+        if args.repeated_aug:
+            log("note: --repeated-aug works across processes only; it is off in this single-process run")
+        # Per-process shards seeded by (seed, epoch): a resumed run sees the same order as an uninterrupted one.
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    batches = SeededBatchSampler(sampler, args.batch_size, drop_last=True, seed=args.seed, rank=rank)
+    from tract.runtime import default_num_workers
+
+    workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    persistent = args.persistent_workers and workers > 0
+    loader_kwargs = dict(num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                         persistent_workers=persistent, prefetch_factor=args.prefetch_factor if workers > 0 else None)
+    # Its own generator: making an iterator draws a seed, which must not come from the training RNG (a resumed run
+    # makes one more, for the skipping loader).
+    train_loader = DataLoader(SeededBatches(train_set), batch_sampler=batches, generator=torch.Generator(),
+                              collate_fn=fast_collate if prefetcher else None, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, drop_last=False,
+                            **loader_kwargs)
+    updates_per_epoch = min(len(train_loader) // args.accum_steps, args.max_updates_per_epoch or len(train_loader))
+    if updates_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training images over {world} process(es) give no full update of "
+                          f"--batch-size {args.batch_size} x --accum-steps {args.accum_steps}: lower them")
+    return TrainData(name, train_set, val_set, num_classes, train_loader, val_loader, batches, updates_per_epoch,
+                     mean, std, prefetcher, workers, persistent, args.prefetch_factor, accelerator.device,
+                     dict(reprob=args.reprob, remode=args.remode, recount=args.recount))
