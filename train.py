@@ -10,8 +10,11 @@ TensorBoard events, ``checkpoints/`` (``last``, ``best``; Accelerate save_state)
 
 Preemption: on SIGUSR1 or SIGTERM every process finishes its current optimizer update, all agree to stop after the
 same one, ``checkpoints/last`` is written with the position inside the epoch, and train.py exits with status 75
-(EX_TEMPFAIL, "requeue me"). ``--resume OUTPUT`` continues from there, skipping the batches already seen.
+(EX_TEMPFAIL, "requeue me"); a first Ctrl-C does the same and exits 130, a second one stops at once. ``--resume
+OUTPUT`` alone continues from there (the run's args.yaml is its base), skipping the batches already seen.
 """
+import sys
+
 import torch
 from accelerate.utils import set_seed
 
@@ -22,12 +25,13 @@ from tract.engine import build_criterion, build_mixup, build_optimizer, build_sc
 from tract.models import build_model, count_parameters, plain_state_dict
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_REQUEUE, Preemption, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, run_cli
 
 
-def main(argv=None) -> None:
-    """Parse, build, train, save; every user error is a ConfigError/DatasetError/WeightsError before any write."""
-    args = parse_args(argv)
+def main(argv=None, args=None) -> None:
+    """Parse (or take finetune.py's ``args``), build, train, save; every user error is a ConfigError/DatasetError/
+    WeightsError before any write."""
+    args = args if args is not None else parse_args(argv, prog="train.py")
     preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
     place = None
     try:
@@ -87,12 +91,15 @@ def main(argv=None) -> None:
 
         if accelerator.is_main_process and not (output_dir / "args.yaml").exists():
             save_args(args, output_dir / "args.yaml")
-        run_log = RunLog(output_dir, enabled=accelerator.is_main_process,
-                         resume_epoch=state.epoch if checkpoint or place.continues else None)
+        resumed = checkpoint is not None or place.continues
+        run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
+                         resume_step=state.num_updates, hparams=vars(args))
 
-        def evaluate_and_log(epoch: int, train_stats: dict) -> None:
-            """Evaluate the model after ``epoch`` (if --val-interval says so), log the epoch, repoint ``best``."""
-            stats, evaluated = dict(train_stats), (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs
+        # Epochs are numbered from 1 wherever a user reads them (log.txt, messages, the checkpoint folder written
+        # after epoch N is epoch-000N); `epoch` below is the 0-based index that seeds the data order and schedule.
+        def evaluate_and_log(number: int, train_stats: dict) -> None:
+            """Evaluate the model after epoch ``number`` (if --val-interval says so), log it, repoint ``best``."""
+            stats, evaluated = dict(train_stats), number % args.val_interval == 0 or number == args.epochs
             # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same
             # whether or not an evaluation ran in between (a resume may or may not have to redo one).
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
@@ -101,20 +108,22 @@ def main(argv=None) -> None:
                         stats.update({f"{prefix}_{k}": v for k, v in evaluate(
                             net, val_loader, accelerator, channels_last=args.channels_last, progress=progress).items()})
             if evaluated and stats["test_acc1"] > state.best_acc1:
-                state.best_acc1, state.best_epoch = stats["test_acc1"], epoch
+                state.best_acc1, state.best_epoch = stats["test_acc1"], number - 1
                 if accelerator.is_main_process:
                     repair_links(checkpoints, state)
-            run_log.write({"epoch": epoch, **stats, "n_parameters": n_parameters})
+            run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
             state.pending = {}
             tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
                       else "not evaluated (--val-interval)")
-            say(f"epoch {epoch}: train_loss {stats['train_loss']:.4f}  {tested}  ({stats['epoch_time']:.0f} s, "
-                f"{stats['images_per_sec']:.0f} img/s)  best " +
-                (f"{state.best_acc1:.2f}%" if state.best_acc1 >= 0 else "none yet"))
+            say(f"epoch {number}/{args.epochs}: train_loss {stats['train_loss']:.4f}  {tested}  "
+                f"({stats['epoch_time']:.0f} s, {stats['images_per_sec']:.0f} img/s)  best " +
+                (f"{state.best_acc1:.2f}% (epoch {state.best_epoch + 1})" if state.best_acc1 >= 0 else "none yet"))
 
         def stop_now(where: str) -> None:
-            say(f"preempted {where}: exiting with {EXIT_REQUEUE} (resume with --resume {output_dir})")
-            raise SystemExit(EXIT_REQUEUE)
+            say(f"{'interrupted' if preemption.interrupted else 'preempted'} {where}: exiting with "
+                f"{preemption.exit_code} (resume with --resume {output_dir}, e.g. python train.py --resume "
+                f"{output_dir})")
+            raise SystemExit(preemption.exit_code)
 
         def after_update():
             """The checkpoint every --checkpoint-interval-updates, written as preemption writes it."""
@@ -123,7 +132,7 @@ def main(argv=None) -> None:
 
         # ---- the loop
         if checkpoint is not None and settle_resume(accelerator, checkpoints, state, run_log):
-            evaluate_and_log(state.epoch - 1, state.pending)  # a kill came between the checkpoint and its log line
+            evaluate_and_log(state.epoch, state.pending)  # a kill came between the checkpoint and its log line
         if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
             stop_now("before training started")
         try:
@@ -136,22 +145,23 @@ def main(argv=None) -> None:
                         mixup_fn=mixup_fn, ema=ema, clip_grad=args.clip_grad,
                         should_stop=lambda: preemption.should_stop(accelerator, state.update_in_epoch),
                         after_update=after_update, channels_last=args.channels_last,
-                        sync_interval=args.sync_interval, progress=progress)
+                        sync_interval=args.sync_interval, progress=progress, log_interval=args.log_interval,
+                        epochs=args.epochs, log_updates=run_log.updates if accelerator.is_main_process else None)
                 except FloatingPointError as e:
                     last = checkpoints / "last"
                     good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "no checkpoint"
-                    raise FloatingPointError(f"{e}; {good} (rerun the command with --resume {output_dir} and a "
-                                             "lower --lr)") from None
+                    raise FloatingPointError(f"{e}; {good} (continue with --resume {output_dir} --resume-override "
+                                             "and a lower --lr)") from None
                 if train_stats.pop("preempted"):
                     save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
-                    stop_now(f"at update {state.update_in_epoch} of epoch {epoch} (saved {checkpoints / 'last'})")
+                    stop_now(f"at update {state.update_in_epoch} of epoch {epoch + 1} (saved {checkpoints / 'last'})")
 
                 # The epoch's checkpoint comes before its evaluation, so an evaluation that fails loses no training.
                 state.epoch, state.update_in_epoch, state.pending = epoch + 1, 0, train_stats
                 save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
-                evaluate_and_log(epoch, train_stats)
+                evaluate_and_log(state.epoch, train_stats)
                 if preemption.should_stop(accelerator):  # signalled during eval or saving: the checkpoint is written
-                    stop_now(f"after epoch {epoch}")
+                    stop_now(f"after epoch {state.epoch}")
         finally:
             run_log.close()
 
@@ -161,9 +171,15 @@ def main(argv=None) -> None:
             export_weights(plain_state_dict(accelerator.unwrap_model(model)), output_dir / "model.safetensors")
             if ema is not None:
                 export_weights(plain_state_dict(ema.module), output_dir / "model_ema.safetensors")
-        say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch}); weights in "
-            f"{output_dir / 'model.safetensors'}")
+        say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch + 1}, checkpoints/best); "
+            f"weights in {output_dir / 'model.safetensors'}")
         accelerator.end_training()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, in one line rather than a traceback
+        last = place.output_dir / "checkpoints" / "last" if place is not None else None
+        kept = (f"the newest checkpoint is {last.resolve()} (resume with --resume {place.output_dir})"
+                if last is not None and last.is_symlink() else "no checkpoint was written")
+        print(f"train.py: stopped at once by a second Ctrl-C; {kept}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
         preemption.uninstall()
         if place is not None:

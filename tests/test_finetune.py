@@ -65,7 +65,7 @@ def test_train_output_finetunes_at_48px_on_5_classes_starting_from_the_pretraine
     finetune.main(["--resume", str(out), "--epochs", "2", *run])
     assert "resumed from" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["epoch"] for r in records] == [1, 2]
 
 
 def test_eval_with_finetune_weights_reports_the_pretrained_models_accuracy(pretrained, tiny_imagefolder, capsys):

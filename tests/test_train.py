@@ -260,7 +260,7 @@ def test_preemption_during_evaluation_keeps_the_epoch_checkpoint_exits_75_and_re
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, preempted, "--epochs", "2", "--tract"))
     assert e.value.code == EXIT_REQUEUE
-    assert f"preempted after epoch 0: exiting with 75 (resume with --resume {preempted})" in capsys.readouterr().out
+    assert f"preempted after epoch 1: exiting with 75 (resume with --resume {preempted}" in capsys.readouterr().out
     assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0001"
     assert len(log_lines(preempted)) == 1 and not (preempted / "model.safetensors").exists()
     monkeypatch.setattr(tract.data, "build_dataset", build)
@@ -358,7 +358,7 @@ def test_two_process_ddp_run_on_cpu_finishes_with_one_set_of_outputs(tiny_imagef
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout and "global batch: 8" in result.stdout
-    assert [line["epoch"] for line in log_lines(out)] == [0, 1]
+    assert [line["epoch"] for line in log_lines(out)] == [1, 2]
     assert os.readlink(out / "checkpoints" / "last") == "epoch-0002" and (out / "checkpoints" / "best").is_dir()
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
     vanilla_vit().load_state_dict(load_file(out / "model.safetensors"), strict=True)

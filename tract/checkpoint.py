@@ -135,13 +135,13 @@ def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
     """
     from accelerate.utils import broadcast_object_list
 
-    logged = [run_log.has(state.epoch - 1)] if accelerator.is_main_process else [None]
+    logged = [run_log.has(state.epoch)] if accelerator.is_main_process else [None]  # log.txt numbers epochs from 1
     broadcast_object_list(logged)
     if accelerator.is_main_process:
         evaluated = [r for r in run_log.records if "test_acc1" in r]
         if evaluated:
             best = max(evaluated, key=lambda r: r["test_acc1"])
-            state.best_acc1, state.best_epoch = best["test_acc1"], best["epoch"]
+            state.best_acc1, state.best_epoch = best["test_acc1"], best["epoch"] - 1
             repair_links(root, state)
     return bool(state.pending) and not logged[0]
 
@@ -182,8 +182,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         last = root / "last"
         good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "there is no checkpoint yet"
         raise FloatingPointError(f"the parameters are not finite at update {state.num_updates}: training diverged "
-                                 f"and nothing was saved; {good} (rerun the command with --resume "
-                                 f"{root.parent} and a lower --lr)")
+                                 f"and nothing was saved; {good} (continue with --resume {root.parent} "
+                                 "--resume-override and a lower --lr)")
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
