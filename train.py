@@ -18,14 +18,16 @@ import sys
 import torch
 from accelerate.utils import set_seed
 
-from tract.checkpoint import TrainState, export_weights, load_checkpoint, repair_links, save_checkpoint, settle_resume
-from tract.config import parse_args, save_args
+from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, repair_links,
+                              save_checkpoint, settle_resume)
+from tract.config import inactive_tract_options, parse_args, save_args
 from tract.data import build_train_data
-from tract.engine import build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from tract.models import build_model, count_parameters, plain_state_dict
+from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, lr_warning,
+                          scaled_lr, train_one_epoch)
+from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, cpu_launch, run_cli
 
 
 def main(argv=None, args=None) -> None:
@@ -35,6 +37,7 @@ def main(argv=None, args=None) -> None:
     preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
     place = None
     try:
+        cpu_launch()  # a multi-process launch on a machine without a GPU (launch/accelerate/cpu.yaml): DDP over gloo
         accelerator = build_accelerator(args)
         say = accelerator.print
 
@@ -50,8 +53,7 @@ def main(argv=None, args=None) -> None:
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         n_parameters = count_parameters(model)
-        global_batch = args.batch_size * accelerator.num_processes * args.accum_steps
-        lr = args.lr if args.unscale_lr else args.lr * global_batch / 512  # DeiT's linear scaling rule
+        lr = scaled_lr(args, global_batch=args.batch_size * accelerator.num_processes * args.accum_steps)
         optimizer = build_optimizer(args, model, lr, device=accelerator.device)
         scheduler = build_scheduler(args, optimizer, data.updates_per_epoch)
         criterion = build_criterion(args, data.num_classes)
@@ -59,9 +61,12 @@ def main(argv=None, args=None) -> None:
 
         say(f"{'dry run: ' if args.dry_run else ''}{args.model} on {data.name}")
         summary = run_summary(args, accelerator, data, place, n_parameters=n_parameters, lr=lr, optimizer=optimizer,
-                              tract_layer=tract_layer)
+                              criterion=criterion, tract_layer=tract_layer)
         for key, value in summary.items():
             say(f"  {key}: {value}")
+        for warning in (lr_warning(args, lr), inactive_tract_options(args)):
+            if warning:
+                say(f"warning: {warning}")
         if args.dry_run:
             return
 
@@ -167,8 +172,11 @@ def main(argv=None, args=None) -> None:
 
         # ---- save
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # what timm.create_model("local-dir:OUTPUT", pretrained=True) loads
             export_weights(plain_state_dict(accelerator.unwrap_model(model)), output_dir / "model.safetensors")
+            export_timm_config(accelerator.unwrap_model(model), output_dir / "config.json",
+                               architecture=resolve_model_name(args.model)[0], label_names=data.class_names,
+                               data_config=data.timm_data_config(args))
             if ema is not None:
                 export_weights(plain_state_dict(ema.module), output_dir / "model_ema.safetensors")
         say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch + 1}, checkpoints/best); "

@@ -32,7 +32,7 @@ import torch
 from tract.config import ConfigError
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "save_checkpoint", "verify_checkpoint",
-           "resolve_resume", "load_checkpoint", "repair_links", "settle_resume", "export_weights",
+           "resolve_resume", "load_checkpoint", "repair_links", "settle_resume", "export_weights", "export_timm_config",
            "parameters_finite", "MANIFEST"]
 
 MANIFEST = "manifest.json"
@@ -374,4 +374,21 @@ def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
+    os.replace(tmp, path)
+
+
+def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
+                       data_config: Dict[str, Any]) -> None:
+    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically), so that
+    ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds and loads the model and
+    ``timm.data.resolve_data_config(model=...)`` gives the run's eval preprocessing: timm's own ``save_config_for_hf``
+    with the architecture, its kwargs, num_classes, ``label_names`` and ``data_config`` (input_size, mean, std,
+    crop_pct, interpolation, crop_mode)."""
+    from timm.models._hub import save_config_for_hf  # what timm's save_for_hf / push_to_hf_hub write
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
+                                                      "label_names": list(label_names)},
+                       data_config=data_config)
     os.replace(tmp, path)

@@ -23,7 +23,7 @@ from tract.data import DATASETS
 
 __all__ = ["ConfigError", "first_process_on_machine", "get_args_parser", "parse_args", "command_line_keys",
            "validate_args", "load_config", "save_args", "parse_model_kwargs", "RESUME_FREE", "run_args_of",
-           "check_resume_changes"]
+           "check_resume_changes", "inactive_tract_options"]
 
 # What a resume may change without --resume-override: where the run writes, how fast and how often it reports or
 # checkpoints, not what it computes. (--epochs too: extending a run on purpose is common; the note says that the
@@ -115,6 +115,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
                    help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")
+    g.add_argument("--train-split", default="train", metavar="NAME",
+                   help="IMNET / FOLDER: the training images' folder under --data-path (timm's flag)")
+    g.add_argument("--val-split", default="val", metavar="NAME",
+                   help="IMNET / FOLDER: the evaluation images' folder under --data-path (timm's flag)")
     g.add_argument("--in-chans", type=int, default=3, help="input channels (grayscale is repeated to 3 unless 1)")
     g.add_argument("--mean", type=float, nargs="+", default=None,
                    help="normalisation mean per input channel, as timm's; None = ImageNet's (--mean 0 --std 1: [0, 1])")
@@ -496,8 +500,30 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.src is None:
         # RandomResizedCrop down to 8% of a 28-px image leaves a few pixels; DeiT crops small images with padding.
         args.src = args.input_size <= 32
+    folder_data = args.data_set in ("IMNET", "FOLDER") or (args.data_set is None and args.data_path)
+    if (args.train_split, args.val_split) != ("train", "val") and not folder_data:
+        raise ConfigError(f"--train-split / --val-split name the folders of an image-folder dataset (--data-set "
+                          f"FOLDER or IMNET); {args.data_set or 'FMNIST'} has its own splits: leave them out")
+    for key in ("train_split", "val_split"):
+        value = getattr(args, key)
+        if not value or "/" in value or value in (".", ".."):
+            raise ConfigError(f"--{key.replace('_', '-')} takes one folder name under --data-path, got {value!r}")
     if args.eval and not (args.resume or args.finetune):
         raise ConfigError("--eval needs weights: pass --resume RUN_OR_CHECKPOINT (or --finetune WEIGHTS)")
+
+
+def inactive_tract_options(args: argparse.Namespace) -> Optional[str]:
+    """The TrAct options set to something other than their default while TrAct is off (None when there are none)."""
+    if args.tract:
+        return None
+    parser = get_args_parser()
+    set_ = [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in ("tract_lambda", "tract_layer",
+                                                                           "tract_sync_gram")
+            if getattr(args, key) != parser.get_default(key)]
+    if not set_:
+        return None
+    return (f"{', '.join(set_)} given without --tract: TrAct is off and they do nothing (add --tract to train the "
+            "first layer with TrAct)")
 
 
 def save_args(args: argparse.Namespace, path: Path) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from tract.checkpoint import TrainState
 
 __all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "build_optimizer", "describe_optimizer", "build_scheduler",
+           "scaled_lr", "lr_warning", "describe_loss", "describe_augmentation",
            "build_criterion", "build_mixup", "mixup_active", "Progress", "train_one_epoch", "evaluate"]
 
 # DeiT's apex optimizers -> timm's names. timm's lamb clips the global gradient norm at max_grad_norm=1.0 before its
@@ -97,6 +98,26 @@ def build_scheduler(args, optimizer, updates_per_epoch: int):
     return scheduler
 
 
+def scaled_lr(args, global_batch: int) -> float:
+    """The peak lr: --lr scaled by global batch / 512 (DeiT's linear rule), or as given with --unscale-lr."""
+    return args.lr if args.unscale_lr else args.lr * global_batch / 512
+
+
+def lr_warning(args, lr: float) -> Optional[str]:
+    """What is wrong with a peak ``lr`` at or below the schedule's floor or warmup start (None when nothing is)."""
+    how = "--lr as given (--unscale-lr)" if args.unscale_lr else f"--lr {args.lr:g} scaled by global batch / 512"
+    problems = []
+    if args.sched in ("cosine", "tanh", "poly") and lr <= args.min_lr:
+        problems.append(f"at or below --min-lr {args.min_lr:g}, so the {args.sched} schedule rises or stays flat "
+                        "instead of decaying")
+    if args.warmup_epochs > 0 and lr <= args.warmup_lr:
+        problems.append(f"at or below --warmup-lr {args.warmup_lr:g}, so the warmup goes down instead of up")
+    if not problems:
+        return None
+    return (f"the peak lr {lr:.3g} ({how}) is " + "; and ".join(problems) +
+            ": raise --lr (or lower --min-lr / --warmup-lr)")
+
+
 def build_criterion(args, num_classes: int) -> nn.Module:
     """The training loss for ``args``: DeiT's choice among BCE, soft-target CE, label-smoothing CE and CE."""
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -109,6 +130,36 @@ def build_criterion(args, num_classes: int) -> nn.Module:
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return nn.CrossEntropyLoss()
+
+
+def describe_loss(criterion: nn.Module) -> str:
+    """The training loss in words (the dry-run summary's line)."""
+    smoothing = getattr(criterion, "smoothing", None)
+    if type(criterion).__name__ == "BinaryCrossEntropy":
+        return "BinaryCrossEntropy on targets binarised above 0 (DeiT III)"
+    if type(criterion).__name__ == "SoftTargetCrossEntropy":
+        return "SoftTargetCrossEntropy (mixup / cutmix targets, smoothed by them)"
+    return type(criterion).__name__ + (f", smoothing {smoothing:g}" if smoothing else "")
+
+
+def describe_augmentation(args) -> str:
+    """The training augmentation in words (the dry-run summary's line)."""
+    if args.three_augment:
+        parts = ["3-Augment (grayscale / solarize / blur, DeiT III)"]
+    else:
+        parts = []
+    parts.insert(0, "simple random crop (resize, pad 4, crop; --src)" if args.src
+                 else "RandomResizedCrop (scale 0.08-1)")
+    parts.append("horizontal flip")
+    if args.color_jitter and not args.aa:
+        parts.append(f"color jitter {args.color_jitter:g}")
+    if args.aa:
+        parts.append(f"RandAugment {args.aa}")
+    if args.reprob > 0:
+        parts.append(f"random erasing p {args.reprob:g}")
+    if mixup_active(args):
+        parts.append(f"mixup {args.mixup:g} / cutmix {args.cutmix:g}")
+    return ", ".join(parts)
 
 
 def mixup_active(args) -> bool:

@@ -14,19 +14,33 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ["RunLog", "read_log", "run_summary"]
 
 
-def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float, optimizer,
+def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float, optimizer, criterion,
                 tract_layer: Optional[str]) -> Dict[str, Any]:
     """What a run will do, one line per item: train.py prints it at the start and ``--dry-run`` stops after it."""
     import torch
 
-    from tract.engine import describe_optimizer
+    from tract.engine import describe_augmentation, describe_loss, describe_optimizer, lr_warning
 
     global_batch = args.batch_size * accelerator.num_processes * args.accum_steps
+    warning = lr_warning(args, lr)
     return {
         "parameters": n_parameters, "classes": data.num_classes, "train images": len(data.train_set),
-        "val images": len(data.val_set), "processes": accelerator.num_processes, "global batch": global_batch,
+        "val images": len(data.val_set),
+        "input": f"{args.input_size} px, {args.in_chans} channel(s), mean {_numbers(data.mean)}, std "
+                 f"{_numbers(data.std)}",
+        "data resize": data.describe_resize(args.input_size, args.eval_crop_ratio),
+        "augmentation": describe_augmentation(args),
+        "loss": describe_loss(criterion),
+        "processes": accelerator.num_processes, "global batch": global_batch,
         "per-process batch": args.batch_size, "accumulation steps": args.accum_steps,
-        "updates per epoch": data.updates_per_epoch, "epochs": args.epochs, "lr": f"{lr:.6g}",
+        "updates per epoch": data.updates_per_epoch, "epochs": args.epochs,
+        "lr": f"{lr:.6g}" + (" (--unscale-lr)" if args.unscale_lr else
+                             f" (--lr {args.lr:g} x global batch {global_batch} / 512)") +
+              (f"; WARNING: {warning}" if warning else ""),
+        "schedule": f"{args.sched} to --min-lr {args.min_lr:g}, stepped per " +
+                    ("update" if args.sched_on_updates else "epoch"),
+        "warmup": (f"{args.warmup_epochs} epoch(s) from --warmup-lr {args.warmup_lr:g}" if args.warmup_epochs
+                   else "none"),
         "optimizer": f"{type(optimizer).__name__}, eps {optimizer.defaults.get('eps', 'none')}",
         "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
         "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": place.output_dir,
@@ -57,6 +71,10 @@ def read_log(path: Path) -> List[Dict]:
             except ValueError:
                 continue
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 class RunLog:

@@ -22,7 +22,7 @@ from tract.data import DatasetError
 from tract.weights import WeightsError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "requested_precision", "check_precision", "set_cuda_speed_flags",
-           "build_accelerator", "default_num_workers", "Preemption", "run_cli"]
+           "build_accelerator", "cpu_launch", "default_num_workers", "Preemption", "run_cli"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -67,6 +67,21 @@ def build_accelerator(args: argparse.Namespace):
     # Generous: while rank 0 alone evaluates or saves, the other ranks wait in a collective.
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
     return Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
+
+
+def cpu_launch() -> bool:
+    """Make a process of a multi-process launch that sees no GPU run on the CPU (DDP over gloo); True if it did.
+
+    ``accelerate launch --multi_gpu`` (and launch/accelerate/cpu.yaml) start the processes through torchrun without
+    passing a config's ``use_cpu`` on (accelerate 1.15), and Accelerate then turns a process without a GPU into a
+    single process of rank 0. ``ACCELERATE_USE_CPU`` is what Accelerate's own single-process launcher sets for this.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if launched and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+            "1", "true", "yes"):
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+        return True
+    return False
 
 
 def default_num_workers() -> int:
