@@ -198,3 +198,136 @@ def test_the_run_record_has_per_update_tensorboard_scalars_hparams_a_timm_summar
         [r[k] for r in records for k in ("epoch", "train_loss", "test_loss", "test_acc1", "test_acc5", "train_lr")])
     stamps = [datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S%z").timestamp() for r in records]
     assert before - 1 <= stamps[0] <= stamps[1] <= time.time() + 1
+
+
+# ---- 4. the export loads with timm --------------------------------------------------------------------------------
+
+def timm_accuracy(run, val_dir):
+    """Top-1 (%) and mean cross-entropy of the run's export on val_dir, through timm's own loading and
+    preprocessing only."""
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    import tract.models  # noqa: F401  (registers train.py's own models, e.g. vit_pico_patch7_28, with timm)
+
+    model = timm.create_model(f"local-dir:{run}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=model))
+    names = model.pretrained_cfg["label_names"]
+    correct = total = loss = 0
+    with torch.no_grad():
+        for folder in sorted(val_dir.iterdir()):
+            for path in sorted(folder.iterdir()):
+                logits = model(transform(Image.open(path).convert("RGB"))[None]).double()
+                correct += names[logits.argmax(1).item()] == folder.name
+                loss += (logits.logsumexp(1) - logits[0, names.index(folder.name)]).item()
+                total += 1
+    return 100.0 * correct / total, loss / total, model
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "vit_pico_patch7_28", "--model-kwargs", "--input-size", "28"]],
+                         ids=["timm-vit", "registered-by-tract"])
+def test_the_export_loads_with_timm_local_dir_and_its_preprocessing_reproduces_the_runs_eval_accuracy(
+        reference, tiny_imagefolder, tmp_path, capsys, model):
+    run = reference
+    if model:  # one of tract/models.py's models, on 32-px images resized to 28 px
+        run = tmp_path / "run"
+        train.main(tiny_run(tiny_imagefolder, run, "--epochs", "2", "--max-updates-per-epoch", "3", *model))
+        assert "data resize: 32 px images resized to 28 px for the model" in capsys.readouterr().out
+    accuracy, loss, timm_model = timm_accuracy(run, tiny_imagefolder / "val")
+    # the loss moves with any change of preprocessing (size, crop, mean, std, interpolation), the accuracy may not
+    assert (accuracy, loss) == pytest.approx((log_lines(run)[-1]["test_acc1"], log_lines(run)[-1]["test_loss"]),
+                                             rel=1e-5)
+    assert timm_model.pretrained_cfg["label_names"] == sorted(p.name for p in (tiny_imagefolder / "train").iterdir())
+    size = 28 if model else 32
+    assert timm_model.num_classes == 3 and tuple(timm_model.pretrained_cfg["input_size"]) == (3, size, size)
+    assert timm_model.pretrained_cfg["mean"] == pytest.approx((0.485, 0.456, 0.406))  # ImageNet's, not timm's 0.5
+
+
+# ---- 5. warnings, one epoch numbering, flags ------------------------------------------------------------------------
+
+def test_an_lr_scaled_to_at_or_below_min_lr_or_warmup_lr_is_warned_in_the_dry_run(tiny_imagefolder, capsys):
+    # finetune.py's case: 1e-5 per 512 images at batch 16 is 3.125e-7, under --min-lr 1e-6
+    train.main(tiny_run(tiny_imagefolder, "unused", "--lr", "1e-5", "--no-unscale-lr", "--batch-size", "16",
+                        "--min-lr", "1e-6", "--dry-run"))
+    out = capsys.readouterr().out
+    assert "  lr: 3.125e-07 (--lr 1e-05 x global batch 16 / 512); WARNING: the peak lr 3.13e-07" in out
+    assert "warning: the peak lr 3.13e-07 (--lr 1e-05 scaled by global batch / 512) is at or below --min-lr 1e-06" \
+        in out
+    train.main(tiny_run(tiny_imagefolder, "unused", "--warmup-epochs", "1", "--epochs", "2", "--warmup-lr", "2e-3",
+                        "--dry-run"))
+    assert "at or below --warmup-lr 0.002, so the warmup goes down instead of up" in capsys.readouterr().out
+    train.main(tiny_run(tiny_imagefolder, "unused", "--dry-run"))
+    assert "WARNING" not in capsys.readouterr().out and "warning" not in capsys.readouterr().out
+
+
+def test_tract_options_without_tract_are_named_in_one_warning(tiny_imagefolder, capsys):
+    train.main(tiny_run(tiny_imagefolder, "unused", "--tract-lambda", "0.3", "--tract-sync-gram", "--dry-run"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings == ["warning: --tract-lambda 0.3, --tract-sync-gram True given without --tract: TrAct is off and "
+                        "they do nothing (add --tract to train the first layer with TrAct)"]
+
+
+def test_flags_are_never_abbreviated_and_a_typo_gets_the_closest_flag_in_two_lines(capsys):
+    for argv, told in ((["--epoch", "1"], "--epoch (did you mean --epochs?)"),
+                       (["--tract-lamda", "0.1"], "--tract-lamda (did you mean --tract-lambda?)")):
+        with pytest.raises(SystemExit) as e:
+            train.cli(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"train.py: error: unrecognized arguments: {told}",
+            "train.py: python train.py --help lists every option"]
+
+
+def test_epochs_are_numbered_from_1_in_log_messages_checkpoints_and_summary(reference):
+    records = log_lines(reference)
+    assert [r["epoch"] for r in records] == [1, 2]
+    best = max(records, key=lambda r: r["test_acc1"])["epoch"]
+    assert os.readlink(reference / "checkpoints" / "best") == f"epoch-{best:04d}"
+    assert os.readlink(reference / "checkpoints" / "last") == "epoch-0002"
+
+
+# ---- 6. launching and one's own data --------------------------------------------------------------------------------
+
+def test_cpu_yaml_launches_two_processes_with_no_environment_variable(tiny_imagefolder, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", "launch/accelerate/cpu.yaml",
+           "train.py", *tiny_run(tiny_imagefolder, tmp_path / "run", "--max-updates-per-epoch", "1")]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes: 2" in done.stdout and "global batch: 8" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "last").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_train_split_and_val_split_name_an_image_folders_splits_and_the_dry_run_says_what_the_data_gets(
+        tiny_imagefolder, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder / "train", data / "training")
+    shutil.copytree(tiny_imagefolder / "val", data / "validation")
+    argv = tiny_run(data, tmp_path / "run", "--dry-run")
+    with pytest.raises(tract.data.DatasetError, match=r"(?s)no train/ folder \(it holds training/, validation/\).*"
+                                                      r"--train-split NAME --val-split NAME"):
+        train.main(argv)
+    train.main([*argv, "--train-split", "training", "--val-split", "validation", "--model", "vit_pico_patch7_28",
+                "--model-kwargs", "--input-size", "28", "--mixup", "0.8", "--warmup-epochs", "1", "--epochs", "3"])
+    out = capsys.readouterr().out
+    for line in ("  train images: 24", "  val images: 12", "  input: 28 px, 3 channel(s), mean (0.485, 0.456, 0.406), "
+                 "std (0.229, 0.224, 0.225)",
+                 "  data resize: 32 px images resized to 28 px for the model (--input-size 28; eval: resize to 28 px, "
+                 "center crop 28)",
+                 "  augmentation: simple random crop (resize, pad 4, crop; --src), horizontal flip, "
+                 "mixup 0.8 / cutmix 0",
+                 "  loss: SoftTargetCrossEntropy (mixup / cutmix targets, smoothed by them)",
+                 "  warmup: 1 epoch(s) from --warmup-lr 1e-06"):
+        assert line in out.splitlines(), line
+    with pytest.raises(ConfigError, match="--train-split / --val-split name the folders of an image-folder dataset"):
+        train.main(["--data-set", "CIFAR10", "--data-path", str(data), "--train-split", "training", "--dry-run"])
