@@ -13,10 +13,11 @@ head for a new class count (the class count is the dataset's).
 
 When WEIGHTS comes from a train.py run, that run's ``args.yaml`` supplies the model and TrAct settings, so the
 finetuned model is the pretrained one and TrAct pretraining is finetuned with TrAct, vanilla pretraining without (the
-paper's two columns); with ``--resume RUN`` they come from the finetune run itself. Precedence: train.py's defaults <
-FINETUNE_DEFAULTS < those run settings < ``-c`` YAML < command line, except that TrAct on/off, lambda and layer are
-the run's unless the COMMAND LINE says otherwise (a config cannot flip them; a command line that contradicts the run
-is named in one line). For weights from elsewhere (a ``.pth``) the config and flags decide, TrAct off by default.
+paper's two columns). Precedence: train.py's defaults < FINETUNE_DEFAULTS < those run settings < ``-c`` YAML <
+command line, except that TrAct on/off, lambda and layer are the run's unless the COMMAND LINE says otherwise (a
+config cannot flip them; a command line that contradicts the run is named in one line). For weights from elsewhere
+(a ``.pth``) the config and flags decide, TrAct off by default. ``--resume RUN`` continues a finetune run as it was
+started: its whole ``args.yaml`` is the base, as for train.py.
 """
 import argparse
 import os
