@@ -153,7 +153,7 @@ def test_config_dry_run_resolves_the_recipe_and_adapts_the_pretrained_weights(co
                 "optimizer": "AdamW, eps 1e-08",  # DeiT main.py's --opt-eps
                 "tract": "off"}  # the weights are not a train.py run and the config does not set TrAct
     for key, value in expected.items():
-        assert f"  {key}: {value}\n" in printed, key
+        assert f"  {key}: {value}" + (" (--lr" if key == "lr" else "\n") in printed, key
     assert "finetune.py: TrAct off: from the config and command line (the weights are not a train.py run" in printed
     assert (f"weights have head.bias (1000,), head.weight (1000, {width}); "
             f"model has head.bias ({num_classes},)") in printed

@@ -108,8 +108,9 @@ def lr_warning(args, lr: float) -> Optional[str]:
     how = "--lr as given (--unscale-lr)" if args.unscale_lr else f"--lr {args.lr:g} scaled by global batch / 512"
     problems = []
     if args.sched in ("cosine", "tanh", "poly") and lr <= args.min_lr:
-        problems.append(f"at or below --min-lr {args.min_lr:g}, so the {args.sched} schedule rises or stays flat "
-                        "instead of decaying")
+        problems.append(f"equal to --min-lr {args.min_lr:g}, so the {args.sched} schedule stays flat (DeiT III's "
+                        "finetuning recipe does so on purpose)" if math.isclose(lr, args.min_lr) else
+                        f"below --min-lr {args.min_lr:g}, so the {args.sched} schedule rises instead of decaying")
     if args.warmup_epochs > 0 and lr <= args.warmup_lr:
         problems.append(f"at or below --warmup-lr {args.warmup_lr:g}, so the warmup goes down instead of up")
     if not problems:
