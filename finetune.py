@@ -13,21 +13,21 @@ head for a new class count (the class count is the dataset's).
 
 When WEIGHTS comes from a train.py run, that run's ``args.yaml`` supplies the model and TrAct settings, so the
 finetuned model is the pretrained one and TrAct pretraining is finetuned with TrAct, vanilla pretraining without (the
-paper's two columns); with ``--resume RUN`` they come from the finetune run itself. Precedence: train.py's defaults <
-FINETUNE_DEFAULTS < those run settings < ``-c`` YAML < command line, except that TrAct on/off, lambda and layer are
-the run's unless the COMMAND LINE says otherwise (a config cannot flip them; a command line that contradicts the run
-is named in one line). For weights from elsewhere (a ``.pth``) the config and flags decide, TrAct off by default.
+paper's two columns). Precedence: train.py's defaults < FINETUNE_DEFAULTS < those run settings < ``-c`` YAML <
+command line, except that TrAct on/off, lambda and layer are the run's unless the COMMAND LINE says otherwise (a
+config cannot flip them; a command line that contradicts the run is named in one line). For weights from elsewhere
+(a ``.pth``) the config and flags decide, TrAct off by default. ``--resume RUN`` continues a finetune run as it was
+started: its whole ``args.yaml`` is the base, as for train.py.
 """
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
 import train
-from tract.config import ConfigError, command_line_keys, parse_args, save_args
+from tract.config import ConfigError, command_line_keys, parse_args
 from tract.runtime import run_cli
 from tract.weights import find_run_args
 
@@ -84,7 +84,7 @@ def tract_summary(values: Any) -> str:
 
 def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """train.py's command line with the finetune defaults; a finetune run needs --finetune (or --resume of one)."""
-    first = argparse.ArgumentParser(add_help=False)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--finetune", default=None)
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
@@ -114,14 +114,7 @@ def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse with the finetune defaults, then train.py's run: build, load the weights, train, save."""
-    args = parse_finetune_args(argv)
-    # train.main parses a command line: give it the resolved arguments as a config file, the way -c replays a run.
-    run_control = [*(["--resume", args.resume] if args.resume else []), *(["--eval"] if args.eval else []),
-                   *(["--dry-run"] if args.dry_run else [])]
-    with tempfile.TemporaryDirectory() as tmp:
-        resolved = Path(tmp) / "args.yaml"
-        save_args(args, resolved)
-        train.main(["-c", str(resolved), *run_control])
+    train.main(args=parse_finetune_args(argv))
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

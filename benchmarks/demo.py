@@ -65,7 +65,7 @@ def table(logs: List[List[dict]]) -> str:
             "TrAct img/s |")
     lines = [head, "|" + "---|" * 8]
     for base, tract in zip(*logs):
-        lines.append(f"| {base['epoch'] + 1} | {base['test_acc1']:.2f}% | {tract['test_acc1']:.2f}% | "
+        lines.append(f"| {base['epoch']} | {base['test_acc1']:.2f}% | {tract['test_acc1']:.2f}% | "
                      f"{tract['test_acc1'] - base['test_acc1']:+.2f} | {base['epoch_time']:.0f} | "
                      f"{tract['epoch_time']:.0f} | {base['images_per_sec']:.0f} | {tract['images_per_sec']:.0f} |")
     return "\n".join(lines)
@@ -80,7 +80,7 @@ def plot(logs: List[List[dict]], lam: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for log, style, label in ((logs[0], "o--k", "vanilla"), (logs[1], "o-", f"TrAct (λ={lam:g})")):
-        ax.plot([r["epoch"] + 1 for r in log], [r["test_acc1"] for r in log], style, label=label)
+        ax.plot([r["epoch"] for r in log], [r["test_acc1"] for r in log], style, label=label)
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Fashion-MNIST, same seed and budget")
     ax.legend()
     fig.tight_layout()

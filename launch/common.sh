@@ -57,7 +57,8 @@ batch_layout() {
 
 # holds_run RUN_DIR: whether train.py started a run there (its args.yaml, or a complete checkpoint; incomplete ones
 # are .tmp-*). `--resume RUN_DIR` continues such a run from its newest intact checkpoint, or from the start if it
-# has none yet.
+# has none yet, with the run's args.yaml as its base: a requeue needs no -c (the config and flags it repeats are the
+# run's own, so they change nothing; a flag that would change the result is refused unless --resume-override).
 holds_run() {
   [ -e "$1/args.yaml" ] || compgen -G "$1/checkpoints/epoch-*" >/dev/null
 }

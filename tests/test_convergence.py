@@ -146,12 +146,13 @@ def test_resnet18_cifar_keeps_full_resolution_in_the_stem_and_tract_wraps_its_fi
 
 def test_mean_std_flags_reach_the_transforms_and_a_wrong_count_is_refused(monkeypatch):
     import train
+    import tract.data
     from tract.config import ConfigError, parse_args
 
     seen = []
-    monkeypatch.setattr(train, "build_transform", lambda *a, **kw: seen.append((kw["mean"], kw["std"])) or (
+    monkeypatch.setattr(tract.data, "build_transform", lambda *a, **kw: seen.append((kw["mean"], kw["std"])) or (
         lambda image: image))
-    monkeypatch.setattr(train, "check_dataset", lambda *a, **kw: (_ for _ in ()).throw(SystemExit("stop")))
+    monkeypatch.setattr(tract.data, "check_dataset", lambda *a, **kw: (_ for _ in ()).throw(SystemExit("stop")))
     with pytest.raises(SystemExit):
         train.main(["--in-chans", "1", "--mean", "0", "--std", str(1 / 255), "--dry-run"])
     assert seen == [([0.0], [1 / 255])] * 2  # train and eval: x / (1/255), inputs in [0, 255]

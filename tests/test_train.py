@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import tract.data
 from tract import TrAct
 from tract.config import ConfigError, parse_args
 from tract.engine import build_criterion, build_mixup
@@ -225,19 +226,19 @@ def test_preemption_checkpoints_mid_epoch_exits_75_and_resume_skips_what_was_see
     reference, preempted = tmp_path / "reference", tmp_path / "preempted"
     train.main(tiny_run(tiny_imagefolder, reference, *recipe))
 
-    build = train.build_dataset
+    build = tract.data.build_dataset
 
     def build_with_signal(name, root, is_train, *args, **kwargs):
         dataset, classes = build(name, root, is_train, *args, **kwargs)
         return (SignalAt(dataset, 10) if is_train else dataset), classes  # item 10 is in the 3rd batch of 4
 
-    monkeypatch.setattr(train, "build_dataset", build_with_signal)
+    monkeypatch.setattr(tract.data, "build_dataset", build_with_signal)
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, preempted, *recipe))
     assert e.value.code == EXIT_REQUEUE
     assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0000-update-000003"
     assert not (preempted / "model.safetensors").exists()
-    monkeypatch.setattr(train, "build_dataset", build)
+    monkeypatch.setattr(tract.data, "build_dataset", build)
     train.main(tiny_run(tiny_imagefolder, preempted, *recipe, "--resume", str(preempted)))
     a, b = load_file(reference / "model.safetensors"), load_file(preempted / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -249,20 +250,20 @@ def test_preemption_during_evaluation_keeps_the_epoch_checkpoint_exits_75_and_re
     reference, preempted = tmp_path / "reference", tmp_path / "preempted"
     train.main(tiny_run(tiny_imagefolder, reference, "--epochs", "2", "--tract"))
 
-    build = train.build_dataset
+    build = tract.data.build_dataset
 
     def build_with_signal(name, root, is_train, *args, **kwargs):
         dataset, classes = build(name, root, is_train, *args, **kwargs)
         return (dataset if is_train else SignalAt(dataset, 1)), classes  # the first eval image of epoch 0
 
-    monkeypatch.setattr(train, "build_dataset", build_with_signal)
+    monkeypatch.setattr(tract.data, "build_dataset", build_with_signal)
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, preempted, "--epochs", "2", "--tract"))
     assert e.value.code == EXIT_REQUEUE
-    assert f"preempted after epoch 0: exiting with 75 (resume with --resume {preempted})" in capsys.readouterr().out
+    assert f"preempted after epoch 1: exiting with 75 (resume with --resume {preempted}" in capsys.readouterr().out
     assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0001"
     assert len(log_lines(preempted)) == 1 and not (preempted / "model.safetensors").exists()
-    monkeypatch.setattr(train, "build_dataset", build)
+    monkeypatch.setattr(tract.data, "build_dataset", build)
     train.main(tiny_run(tiny_imagefolder, preempted, "--epochs", "2", "--tract", "--resume", str(preempted)))
     a, b = load_file(reference / "model.safetensors"), load_file(preempted / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -357,7 +358,7 @@ def test_two_process_ddp_run_on_cpu_finishes_with_one_set_of_outputs(tiny_imagef
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes: 2" in result.stdout and "global batch: 8" in result.stdout
-    assert [line["epoch"] for line in log_lines(out)] == [0, 1]
+    assert [line["epoch"] for line in log_lines(out)] == [1, 2]
     assert os.readlink(out / "checkpoints" / "last") == "epoch-0002" and (out / "checkpoints" / "best").is_dir()
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
     vanilla_vit().load_state_dict(load_file(out / "model.safetensors"), strict=True)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (fresh_accelerate_state: autouse)
 
 import train
+import tract.data
 from tract.checkpoint import CheckpointError, resolve_resume
 from tract.config import ConfigError
 from tract.data import DatasetError
@@ -25,7 +26,7 @@ from tract.run_folder import RunLock
 from tract.runtime import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("epoch_time", "images_per_sec")
+TIMING = ("epoch_time", "images_per_sec", "time")
 
 
 class WritesAFile:
@@ -235,7 +236,7 @@ def test_kill_9_at_any_point_then_resume_gives_bitwise_the_run_its_log_and_its_b
     assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
     assert record(out) == record(reference)
     best = max(log_lines(out), key=lambda line: line["test_acc1"])["epoch"]
-    assert os.readlink(out / "checkpoints" / "best") == f"epoch-{best + 1:04d}"
+    assert os.readlink(out / "checkpoints" / "best") == f"epoch-{best:04d}"
     assert os.readlink(out / "checkpoints" / "last") == "epoch-0002"
 
 
@@ -271,13 +272,13 @@ def test_a_lock_is_released_by_the_os_when_its_holder_is_killed(tmp_path):
 
 def signal_during_start_up(monkeypatch, sig) -> None:
     """train.py's start-up (building its datasets) receives ``sig``, as from a cluster; monkeypatch.undo() ends it."""
-    build = train.build_dataset
+    build = tract.data.build_dataset
 
     def build_and_signal(*args, **kwargs):
         os.kill(os.getpid(), sig)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(train, "build_dataset", build_and_signal)
+    monkeypatch.setattr(tract.data, "build_dataset", build_and_signal)
 
 
 def test_sigterm_during_start_up_exits_75_and_resume_of_the_folder_runs_from_the_start(tiny_imagefolder, tmp_path,
@@ -343,7 +344,7 @@ def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_name
                                                                                  monkeypatch):
     out = tmp_path / "run"
     train.main(tiny_run(tiny_imagefolder, out))  # epoch-0001, good
-    build = train.build_dataset
+    build = tract.data.build_dataset
 
     class NanThenSignal(torch.utils.data.Dataset):
         def __init__(self, dataset):
@@ -363,7 +364,7 @@ def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_name
         dataset, classes = build(name, root, is_train, *args, **kwargs)
         return (NanThenSignal(dataset) if is_train else dataset), classes
 
-    monkeypatch.setattr(train, "build_dataset", build_broken)
+    monkeypatch.setattr(tract.data, "build_dataset", build_broken)
     with pytest.raises(FloatingPointError, match=r"not finite.*nothing was saved.*epoch-0001"):
         train.main(tiny_run(tiny_imagefolder, out, "--epochs", "2", "--resume", str(out)))
     assert os.readlink(out / "checkpoints" / "last") == "epoch-0001"

@@ -32,7 +32,8 @@ import torch
 from tract.config import ConfigError
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "save_checkpoint", "verify_checkpoint",
-           "resolve_resume", "load_checkpoint", "repair_links", "export_weights", "parameters_finite", "MANIFEST"]
+           "resolve_resume", "load_checkpoint", "repair_links", "settle_resume", "export_weights", "export_timm_config",
+           "parameters_finite", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -128,6 +129,23 @@ def repair_links(root: Path, state: TrainState) -> None:
         _relink(Path(root), "best", name)
 
 
+def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
+    """After loading a checkpoint: take the best epoch from the run's log (the record of evaluations) and repoint
+    ``best``; True when the checkpoint's last epoch still awaits its evaluation and log line (a kill came between).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    logged = [run_log.has(state.epoch)] if accelerator.is_main_process else [None]  # log.txt numbers epochs from 1
+    broadcast_object_list(logged)
+    if accelerator.is_main_process:
+        evaluated = [r for r in run_log.records if "test_acc1" in r]
+        if evaluated:
+            best = max(evaluated, key=lambda r: r["test_acc1"])
+            state.best_acc1, state.best_epoch = best["test_acc1"], best["epoch"] - 1
+            repair_links(root, state)
+    return bool(state.pending) and not logged[0]
+
+
 def _prune(root: Path, keep: int, state: TrainState) -> None:
     protected = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
     protected.add(best_name(state))
@@ -164,8 +182,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         last = root / "last"
         good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "there is no checkpoint yet"
         raise FloatingPointError(f"the parameters are not finite at update {state.num_updates}: training diverged "
-                                 f"and nothing was saved; {good} (rerun the command with --resume "
-                                 f"{root.parent} and a lower --lr)")
+                                 f"and nothing was saved; {good} (continue with --resume {root.parent} "
+                                 "--resume-override and a lower --lr)")
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
@@ -356,4 +374,21 @@ def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
+    os.replace(tmp, path)
+
+
+def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
+                       data_config: Dict[str, Any]) -> None:
+    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically), so that
+    ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds and loads the model and
+    ``timm.data.resolve_data_config(model=...)`` gives the run's eval preprocessing: timm's own ``save_config_for_hf``
+    with the architecture, its kwargs, num_classes, ``label_names`` and ``data_config`` (input_size, mean, std,
+    crop_pct, interpolation, crop_mode)."""
+    from timm.models._hub import save_config_for_hf  # what timm's save_for_hf / push_to_hf_hub write
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
+                                                      "label_names": list(label_names)},
+                       data_config=data_config)
     os.replace(tmp, path)

@@ -22,13 +22,23 @@ import yaml
 from tract.data import DATASETS
 
 __all__ = ["ConfigError", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
-           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs"]
+           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs",
+           "RESUME_FREE", "run_args_of", "check_resume_changes", "inactive_tract_options"]
 
 # --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
 FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
 # --patch-norm (Fig. 7): none; "patch" = every input patch standardised on its own; "dual" = DualPatchNorm (Kumar et
 # al. 2023), LayerNorm with affine over each flattened patch before the patch embedding and after it.
 PATCH_NORMS = ("none", "patch", "dual")
+# What a resume may change without --resume-override: where the run writes, how fast and how often it reports or
+# checkpoints, not what it computes. (--epochs too: extending a run on purpose is common; the note says that the
+# schedule then stretches.) Everything else is refused, so that --resume RUN continues the run as it was started.
+RESUME_FREE = ("output_dir", "epochs", "num_workers", "pin_mem", "prefetcher", "persistent_workers", "prefetch_factor",
+               "progress", "log_interval", "sync_interval", "val_interval", "checkpoint_hist",
+               "checkpoint_interval_updates", "dist_timeout", "download", "torchcompile", "torchcompile_mode",
+               "channels_last", "tf32", "cudnn_benchmark", "model_ema_eval")
+# Flags that steer this invocation only: never written to args.yaml, never taken from it.
+RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "eval", "dry_run")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 
 
@@ -42,12 +52,25 @@ def first_process_on_machine() -> bool:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad command line told once per machine instead of once per process of a launch."""
+    """argparse without abbreviations, a bad command line told in two lines (the closest flag for a typo, not the
+    usage), once per machine instead of once per process of a launch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch must not silently mean --epochs
 
     def error(self, message: str):
         if not first_process_on_machine():
             self.exit(2)
-        super().error(message)
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [a for a in message[len(prefix):].split() if a.startswith("-")]
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            parts = []
+            for flag in flags:
+                close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.6)
+                parts.append(flag + (f" (did you mean {close[0]}?)" if close else ""))
+            message = prefix + (", ".join(parts) or message[len(prefix):])
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: python {self.prog} --help lists every option\n")
 
 
 def parse_model_kwargs(items: Sequence[str], flag: str = "--model-kwargs") -> Dict[str, Any]:
@@ -97,6 +120,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
                    help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")
+    g.add_argument("--train-split", default="train", metavar="NAME",
+                   help="IMNET / FOLDER: the training images' folder under --data-path (timm's flag)")
+    g.add_argument("--val-split", default="val", metavar="NAME",
+                   help="IMNET / FOLDER: the evaluation images' folder under --data-path (timm's flag)")
     g.add_argument("--in-chans", type=int, default=3, help="input channels (grayscale is repeated to 3 unless 1)")
     g.add_argument("--mean", type=float, nargs="+", default=None,
                    help="normalisation mean per input channel, as timm's; None = ImageNet's (--mean 0 --std 1: [0, 1])")
@@ -161,7 +188,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--lr", type=float, default=4e-3,
                    help="learning rate at a global batch of 512 (scaled by global batch / 512 unless --unscale-lr)")
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size per process")
+    # --batch: DeiT III's README command spells it so (argparse's abbreviation there; explicit here, as none are taken)
+    g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=128, help="batch size per process")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
     g.add_argument("--first-layer-opt", default="same", choices=FIRST_LAYER_OPTIMIZERS,
                    help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
@@ -229,6 +257,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="run folder; None = output/train/<time>-<model>-<size>")
     g.add_argument("--resume", default=None, metavar="PATH", help="a run folder (newest checkpoint) or a checkpoint")
+    g.add_argument("--resume-override", action=bool_flag, default=False,
+                   help="let --resume change options that change what the run computes (lr, model, TrAct, data, ...)")
     g.add_argument("--resume-inexact", action=bool_flag, default=False,
                    help="resume even without the random state that makes the run exact (another number of processes)")
     g.add_argument("--eval", action=bool_flag, default=False, help="only evaluate (--resume or --finetune weights)")
@@ -248,7 +278,11 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--val-interval", type=int, default=1, help="evaluate every N epochs, and after the last")
     g.add_argument("--checkpoint-interval-updates", type=int, default=None, metavar="N",
                    help="also checkpoint every N optimizer updates inside an epoch (as preemption does); None = off")
-    g.add_argument("--progress", action=bool_flag, default=True, help="tqdm bar (only on a terminal)")
+    g.add_argument("--progress", action=bool_flag, default=True,
+                   help="progress inside an epoch: a tqdm bar on a terminal, a line every --log-interval updates "
+                        "elsewhere (SLURM, nohup, tee)")
+    g.add_argument("--log-interval", type=int, default=50,
+                   help="optimizer updates between progress lines when stderr is not a terminal (timm's flag)")
     g.add_argument("--checkpoint-hist", type=int, default=1, help="newest epoch checkpoints kept besides best")
     g.add_argument("--max-updates-per-epoch", type=int, default=None,
                    help="cap optimizer updates per epoch (smoke tests of a setup); the schedule follows the cap")
@@ -331,16 +365,67 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
 
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None,
                prog: Optional[str] = None) -> argparse.Namespace:
-    """Parse the command line: defaults, then ``-c`` YAML, then the remaining flags; then validate."""
+    """Parse the command line: defaults, then the ``--resume`` run's args.yaml, then ``-c`` YAML, then the remaining
+    flags; then validate. A resume that changes what the run computes is refused unless ``--resume-override``."""
     parser = get_args_parser(defaults, prog=prog)
-    first = argparse.ArgumentParser(add_help=False)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("-c", "--config", default=None)
+    first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
+    run_args = run_args_of(known.resume) if known.resume else None
+    saved = {}
+    if run_args is not None:  # the run continues as it was started: its own arguments are the base
+        saved = {k: v for k, v in load_config(str(run_args), parser).items() if k not in RUN_CONTROL}
+        parser.set_defaults(**saved)
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
     validate_args(args)
+    if saved:
+        check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
+
+
+def run_args_of(path: str) -> Optional[Path]:
+    """The args.yaml of the train.py run that ``--resume PATH`` names (the run folder, checkpoints/, a checkpoint)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    p = p.resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
+    for folder in (p, p.parent if p.name == "checkpoints" else None,
+                   p.parent.parent if p.parent.name == "checkpoints" else None):
+        if folder is not None and (folder / "args.yaml").is_file():
+            return folder / "args.yaml"
+    return None
+
+
+def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_args: Path,
+                         prog: str = "train.py") -> None:
+    """Name every option that differs from the run's ``args.yaml`` in one line; refuse those that change what the run
+    computes (anything outside RESUME_FREE) unless ``--resume-override``."""
+    changed = {k: (saved[k], v) for k, v in sorted(vars(args).items())
+               if k in saved and v != saved[k] and k not in RUN_CONTROL}
+    if not changed:
+        return
+    run = run_args.parent
+
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    refused = {k: c for k, c in changed.items() if k not in RESUME_FREE and k != "output_dir"}
+    if refused and not args.resume_override:
+        raise ConfigError(f"--resume {args.resume}: " + ", ".join(f"{flag(k)} {new!r} (the run: {old!r})"
+                                                                  for k, (old, new) in refused.items()) +
+                          " would change what the run computes. Leave them out to continue the run as it was "
+                          f"started (python {prog} --resume {run}), or add --resume-override to change them anyway "
+                          "(the result is then no longer the uninterrupted run's)")
+    notes = [f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in changed.items() if k != "output_dir"]
+    if "epochs" in changed:
+        notes[list(k for k in changed if k != "output_dir").index("epochs")] += (
+            " (the lr schedule is stretched to the new length from here on)")
+    if notes and os.environ.get("RANK", "0") == "0":
+        print(f"note: resuming {run} with its args.yaml, changed: {'; '.join(notes)}" +
+              (" (--resume-override: no longer the uninterrupted run)" if refused else ""))
 
 
 def command_line_keys(argv: Optional[Sequence[str]]) -> set:
@@ -357,6 +442,7 @@ def validate_args(args: argparse.Namespace) -> None:
     positive = {"batch_size": "--batch-size", "epochs": "--epochs", "accum_steps": "--accum-steps",
                 "input_size": "--input-size", "in_chans": "--in-chans", "dist_timeout": "--dist-timeout",
                 "checkpoint_hist": "--checkpoint-hist", "sync_interval": "--sync-interval",
+                "log_interval": "--log-interval",
                 "val_interval": "--val-interval"}
     for key, flag in positive.items():
         if not getattr(args, key) > 0:
@@ -453,12 +539,33 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.src is None:
         # RandomResizedCrop down to 8% of a 28-px image leaves a few pixels; DeiT crops small images with padding.
         args.src = args.input_size <= 32
+    folder_data = args.data_set in ("IMNET", "FOLDER") or (args.data_set is None and args.data_path)
+    if (args.train_split, args.val_split) != ("train", "val") and not folder_data:
+        raise ConfigError(f"--train-split / --val-split name the folders of an image-folder dataset (--data-set "
+                          f"FOLDER or IMNET); {args.data_set or 'FMNIST'} has its own splits: leave them out")
+    for key in ("train_split", "val_split"):
+        value = getattr(args, key)
+        if not value or "/" in value or value in (".", ".."):
+            raise ConfigError(f"--{key.replace('_', '-')} takes one folder name under --data-path, got {value!r}")
     if args.eval and not (args.resume or args.finetune):
         raise ConfigError("--eval needs weights: pass --resume RUN_OR_CHECKPOINT (or --finetune WEIGHTS)")
 
 
+def inactive_tract_options(args: argparse.Namespace) -> Optional[str]:
+    """The TrAct options set to something other than their default while TrAct is off (None when there are none)."""
+    if args.tract:
+        return None
+    parser = get_args_parser()
+    set_ = [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in ("tract_lambda", "tract_layer",
+                                                                           "tract_sync_gram")
+            if getattr(args, key) != parser.get_default(key)]
+    if not set_:
+        return None
+    return (f"{', '.join(set_)} given without --tract: TrAct is off and they do nothing (add --tract to train the "
+            "first layer with TrAct)")
+
+
 def save_args(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
-    skip = {"config", "resume", "resume_inexact", "eval", "dry_run"}
-    values = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    values = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

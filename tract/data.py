@@ -15,8 +15,9 @@ timm, torchvision and scipy are imported inside the functions so that ``import t
 import gzip
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
-           "SeededBatches", "DeviceLoader"]
+           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data"]
 
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -138,11 +139,13 @@ def _fmnist_files(root: Path, train: bool) -> Optional[Tuple[Path, Path]]:
     return None
 
 
-def check_dataset(name: str, root: Optional[str], *, download: bool = False) -> None:
+def check_dataset(name: str, root: Optional[str], *, download: bool = False,
+                  splits: Tuple[str, str] = ("train", "val")) -> None:
     """Cheap up-front check that a dataset's files and folders are where build_dataset will look; raises DatasetError.
 
     It lists folders and tests that files exist, without reading them, so it can run before a model is built or any
     output is written. With ``download=True`` a dataset torchvision can fetch is not required to be present yet.
+    ``splits``: the folder names of an ImageFolder's training and evaluation splits (``--train-split``/``--val-split``).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -155,7 +158,7 @@ def check_dataset(name: str, root: Optional[str], *, download: bool = False) -> 
     if path.exists() and not path.is_dir():
         raise _fail(name, root, "the root is a file, not a folder", "pass the dataset folder as --data-path")
     if name in ("IMNET", "FOLDER"):
-        _check_image_folder(name, root, path)
+        _check_image_folder(name, root, path, splits)
     elif download and name in _DOWNLOADABLE:
         return
     elif name in _CIFAR_FILES:
@@ -177,23 +180,27 @@ def check_dataset(name: str, root: Optional[str], *, download: bool = False) -> 
             raise _fail(name, root, f"missing {', '.join('stanford_cars/' + m for m in missing)}", fix)
 
 
-def _check_image_folder(name: str, root: str, path: Path) -> None:
+def _check_image_folder(name: str, root: str, path: Path, splits: Tuple[str, str] = ("train", "val")) -> None:
     classes = {}
-    for split in ("train", "val"):
+    for split in splits:
         split_dir = path / split
         if not split_dir.is_dir():
-            raise _fail(name, root, f"no {split}/ folder", "point --data-path at the folder holding train/ and val/")
+            found = sorted(e.name + "/" for e in os.scandir(path) if e.is_dir()) if path.is_dir() else []
+            raise _fail(name, root, f"no {split}/ folder" + (f" (it holds {', '.join(found[:8])})" if found else ""),
+                        f"point --data-path at the folder holding {splits[0]}/ and {splits[1]}/, or name the "
+                        "folders with --train-split NAME --val-split NAME")
         classes[split] = _class_folders(split_dir)
         if not classes[split]:
             raise _fail(name, root, f"{split}/ holds no class folders (images must sit in {split}/<class>/)",
                         "sort the images into one folder per class (ImageNet's flat val/ is sorted by the usual "
                         "valprep.sh script)")
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))[:5]
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))[:5]
-        raise _fail(name, root, f"train/ and val/ have different class folders ({len(classes['train'])} vs "
-                    f"{len(classes['val'])}; only in train/: {only_train}, only in val/: {only_val})",
-                    "give val/ exactly the class folders of train/, or labels would not match")
+    train, val = splits
+    if classes[train] != classes[val]:
+        only_train = sorted(set(classes[train]) - set(classes[val]))[:5]
+        only_val = sorted(set(classes[val]) - set(classes[train]))[:5]
+        raise _fail(name, root, f"{train}/ and {val}/ have different class folders ({len(classes[train])} vs "
+                    f"{len(classes[val])}; only in {train}/: {only_train}, only in {val}/: {only_val})",
+                    f"give {val}/ exactly the class folders of {train}/, or labels would not match")
 
 
 def _check_fmnist(root: Optional[str], download: bool) -> None:
@@ -261,18 +268,20 @@ class FashionMNISTIDX(Dataset):
 
 
 def build_dataset(name: str, root: Optional[str], train: bool, transform: Optional[Callable] = None, *,
-                  download: bool = False, in_chans: int = 3) -> Tuple[Dataset, int]:
+                  download: bool = False, in_chans: int = 3, split: Optional[str] = None) -> Tuple[Dataset, int]:
     """Build the train (``train=True``) or evaluation split of a dataset; returns ``(dataset, num_classes)``.
 
     Images reach ``transform`` as PIL images in mode 'RGB' for ``in_chans=3`` (grayscale data is replicated) and 'L'
     for ``in_chans=1`` (colour data is converted). The evaluation split is ImageFolder's val/, the test set of CIFAR,
     Fashion-MNIST and Cars, and the test split of Flowers-102, whose training set is its official train + val splits
-    as is standard for transfer learning. Nothing is downloaded unless ``download=True``.
+    as is standard for transfer learning. Nothing is downloaded unless ``download=True``. ``split``: the folder of an
+    ImageFolder dataset (default ``train`` / ``val``).
     """
     if in_chans not in (1, 3):
         raise DatasetError(f"in_chans={in_chans}: image datasets give 1 (grayscale) or 3 (RGB) channels; pass "
                            "--in-chans 1 or 3")
-    check_dataset(name, root, download=download)
+    split = split or ("train" if train else "val")
+    check_dataset(name, root, download=download, splits=(split, split))
     from torchvision import datasets, transforms
 
     convert = _ConvertMode("L" if in_chans == 1 else "RGB")
@@ -280,7 +289,7 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
     path = Path(root).expanduser() if root else None
     try:
         if name in ("IMNET", "FOLDER"):
-            dataset = datasets.ImageFolder(str(path / ("train" if train else "val")), transform=transform,
+            dataset = datasets.ImageFolder(str(path / split), transform=transform,
                                            loader=read_image)
             return dataset, len(dataset.classes)
         if name == "FMNIST":
@@ -514,3 +523,156 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+@dataclass
+class TrainData:
+    """What train.py reads: both splits, their loaders, and how batches reach the device."""
+
+    name: str
+    train_set: Dataset
+    val_set: Dataset
+    num_classes: int
+    train_loader: Any  # per process (the sampler shards); not given to accelerator.prepare
+    val_loader: Any  # given to accelerator.prepare, which shards it
+    batches: SeededBatchSampler
+    updates_per_epoch: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    prefetcher: bool
+    workers: int
+    persistent_workers: bool
+    prefetch_factor: Optional[int]
+    device: torch.device
+    erasing: Dict[str, Any]  # reprob, remode, recount: random erasing on the device with the prefetcher
+    _epoch_loader: Any = None
+
+    def on_device(self, loader):
+        """``loader`` through the device input path when the prefetcher is on (one CUDA stream per call: call once)."""
+        return DeviceLoader(loader, self.mean, self.std, self.device, **self.erasing) if self.prefetcher else loader
+
+    def epoch_loader(self, epoch: int, skip_batches: int = 0):
+        """This process's training batches of ``epoch``, the first ``skip_batches`` skipped unloaded (a resume)."""
+        self.batches.set_epoch(epoch)
+        if skip_batches:
+            from accelerate import skip_first_batches
+
+            return self.on_device(skip_first_batches(self.train_loader, skip_batches))
+        if self._epoch_loader is None:  # built once: PrefetchLoader keeps one CUDA stream for its lifetime
+            self._epoch_loader = self.on_device(self.train_loader)
+        return self._epoch_loader
+
+    @property
+    def class_names(self) -> List[str]:
+        """The class of each label index, as the dataset names them (ImageFolder: the sorted folder names)."""
+        dataset = self.train_set.datasets[0] if isinstance(self.train_set, torch.utils.data.ConcatDataset) \
+            else self.train_set
+        names = getattr(dataset, "classes", None)
+        return [str(n) for n in names] if names and len(names) == self.num_classes else [
+            str(i) for i in range(self.num_classes)]
+
+    def timm_data_config(self, args) -> Dict[str, Any]:
+        """The eval preprocessing as timm's data config (what resolve_data_config(model=...) should give back)."""
+        return {"input_size": (args.in_chans, args.input_size, args.input_size), "mean": tuple(self.mean),
+                "std": tuple(self.std), "crop_pct": args.eval_crop_ratio, "crop_mode": "center",
+                "interpolation": args.train_interpolation}
+
+    def describe_resize(self, input_size: int, eval_crop_ratio: float) -> str:
+        """Whether the images are resized for the model (e.g. 64-px images to 28 px: the dry-run summary's line)."""
+        size = image_size(self.train_set)
+        eval_resize = int(input_size / eval_crop_ratio)
+        if size is None:
+            return (f"to {input_size} px (images of varying size; eval: resize to {eval_resize} px, center crop "
+                    f"{input_size})")
+        native = f"{size[0]}x{size[1]}" if size[0] != size[1] else f"{size[0]} px"
+        if max(size) == input_size == min(size) and eval_resize == input_size:
+            return f"none (the images are {native}, the model's --input-size)"
+        return (f"{native} images resized to {input_size} px for the model (--input-size {input_size}; eval: resize "
+                f"to {eval_resize} px, center crop {input_size})")
+
+    def describe_input_path(self) -> str:
+        """Where batches are made and normalised (the dry-run summary's line)."""
+        how = (f"uint8 from {self.workers} workers, normalised on {self.device} one batch ahead (timm's "
+               "PrefetchLoader)" if self.prefetcher else f"float32 normalised in {self.workers} workers")
+        return how + (f", persistent, {self.prefetch_factor or 2} batches ahead per worker"
+                      if self.persistent_workers else "")
+
+
+def image_size(dataset) -> Optional[Tuple[int, int]]:
+    """(width, height) of a dataset's first image as stored, without its transform; None where sizes vary or are
+    not known without decoding every file (Flowers, Cars)."""
+    if hasattr(dataset, "samples") and dataset.samples:  # ImageFolder
+        from PIL import Image
+
+        with Image.open(dataset.samples[0][0]) as image:
+            return image.size
+    data = getattr(dataset, "data", None)  # FashionMNISTIDX (N, H, W), CIFAR (N, H, W, C)
+    if isinstance(data, np.ndarray) and data.ndim >= 3:
+        return int(data.shape[2]), int(data.shape[1])
+    return None
+
+
+def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -> TrainData:
+    """Transforms, both splits and their loaders for train.py's ``args``; a bad dataset or augmentation is refused.
+
+    Augmentation is seeded per batch from (seed, process, epoch, position) (``SeededBatchSampler``), so batches are
+    the same with persistent workers and after a resume that skips batches.
+    """
+    from timm.data.loader import fast_collate
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from tract.config import ConfigError
+
+    name = args.data_set or ("IMNET" if args.data_path else "FMNIST")
+    mean, std = default_mean_std(args.in_chans)
+    mean, std = args.mean or mean, args.std or std
+    # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
+    prefetcher = args.prefetcher if args.prefetcher is not None else accelerator.device.type == "cuda"
+    try:
+        train_tf = build_transform(True, args.input_size, three_augment=args.three_augment,
+                                   simple_random_crop=args.src, color_jitter=args.color_jitter,
+                                   auto_augment=args.aa, reprob=args.reprob, remode=args.remode,
+                                   recount=args.recount, mean=mean, std=std,
+                                   interpolation=args.train_interpolation, use_prefetcher=prefetcher)
+    except (AssertionError, KeyError, ValueError) as e:  # timm's policy parser asserts on what it cannot read
+        if not args.aa:
+            raise
+        raise ConfigError(f"--aa {args.aa}: timm cannot read this augmentation policy ({e or type(e).__name__}); "
+                          "e.g. --aa rand-m9-mstd0.5-inc1") from None
+    eval_tf = build_transform(False, args.input_size, eval_crop_ratio=args.eval_crop_ratio, mean=mean, std=std,
+                              interpolation=args.train_interpolation)
+    with accelerator.main_process_first():  # only one process downloads
+        check_dataset(name, args.data_path, download=args.download, splits=(args.train_split, args.val_split))
+        train_set, num_classes = build_dataset(name, args.data_path, True, train_tf, download=args.download,
+                                               in_chans=args.in_chans, split=args.train_split)
+        val_set, _ = build_dataset(name, args.data_path, False, eval_tf, in_chans=args.in_chans,
+                                   split=args.val_split)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.repeated_aug and world > 1:
+        sampler = RASampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    else:
+        if args.repeated_aug:
+            log("note: --repeated-aug works across processes only; it is off in this single-process run")
+        # Per-process shards seeded by (seed, epoch): a resumed run sees the same order as an uninterrupted one.
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    batches = SeededBatchSampler(sampler, args.batch_size, drop_last=True, seed=args.seed, rank=rank)
+    from tract.runtime import default_num_workers
+
+    workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    persistent = args.persistent_workers and workers > 0
+    loader_kwargs = dict(num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                         persistent_workers=persistent, prefetch_factor=args.prefetch_factor if workers > 0 else None)
+    # Its own generator: making an iterator draws a seed, which must not come from the training RNG (a resumed run
+    # makes one more, for the skipping loader).
+    train_loader = DataLoader(SeededBatches(train_set), batch_sampler=batches, generator=torch.Generator(),
+                              collate_fn=fast_collate if prefetcher else None, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=int(1.5 * args.batch_size), shuffle=False, drop_last=False,
+                            **loader_kwargs)
+    updates_per_epoch = min(len(train_loader) // args.accum_steps, args.max_updates_per_epoch or len(train_loader))
+    if updates_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training images over {world} process(es) give no full update of "
+                          f"--batch-size {args.batch_size} x --accum-steps {args.accum_steps}: lower them")
+    return TrainData(name, train_set, val_set, num_classes, train_loader, val_loader, batches, updates_per_epoch,
+                     mean, std, prefetcher, workers, persistent, args.prefetch_factor, accelerator.device,
+                     dict(reprob=args.reprob, remode=args.remode, recount=args.recount))

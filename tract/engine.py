@@ -5,9 +5,11 @@ the timm scheduler: per epoch by default (as DeiT III), per update with ``--sche
 therefore sees exactly the lr sequence of an uninterrupted one (DeiT's resume runs one epoch ahead on the schedule).
 """
 import math
+import sys
 import time
+from datetime import timedelta
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,10 @@ from torch import nn
 
 from tract.checkpoint import TrainState
 
-__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name",
-           "build_optimizer", "describe_optimizer", "describe_first_layer", "build_scheduler", "build_criterion",
-           "build_mixup", "mixup_active", "train_one_epoch", "evaluate"]
+__all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name", "build_optimizer",
+           "describe_optimizer", "describe_first_layer", "build_scheduler", "scaled_lr", "lr_warning", "describe_loss",
+           "describe_augmentation", "build_criterion", "build_mixup", "mixup_active", "Progress", "train_one_epoch",
+           "evaluate"]
 
 # DeiT's apex optimizers -> timm's names. timm's lamb clips the global gradient norm at max_grad_norm=1.0 before its
 # update, as apex FusedLAMB does (timm/optim/lamb.py: _get_clip_grad_norm).
@@ -236,6 +239,27 @@ def build_scheduler(args, optimizer, updates_per_epoch: int):
     return scheduler
 
 
+def scaled_lr(args, global_batch: int) -> float:
+    """The peak lr: --lr scaled by global batch / 512 (DeiT's linear rule), or as given with --unscale-lr."""
+    return args.lr if args.unscale_lr else args.lr * global_batch / 512
+
+
+def lr_warning(args, lr: float) -> Optional[str]:
+    """What is wrong with a peak ``lr`` at or below the schedule's floor or warmup start (None when nothing is)."""
+    how = "--lr as given (--unscale-lr)" if args.unscale_lr else f"--lr {args.lr:g} scaled by global batch / 512"
+    problems = []
+    if args.sched in ("cosine", "tanh", "poly") and lr <= args.min_lr:
+        problems.append(f"equal to --min-lr {args.min_lr:g}, so the {args.sched} schedule stays flat (DeiT III's "
+                        "finetuning recipe does so on purpose)" if math.isclose(lr, args.min_lr) else
+                        f"below --min-lr {args.min_lr:g}, so the {args.sched} schedule rises instead of decaying")
+    if args.warmup_epochs > 0 and lr <= args.warmup_lr:
+        problems.append(f"at or below --warmup-lr {args.warmup_lr:g}, so the warmup goes down instead of up")
+    if not problems:
+        return None
+    return (f"the peak lr {lr:.3g} ({how}) is " + "; and ".join(problems) +
+            ": raise --lr (or lower --min-lr / --warmup-lr)")
+
+
 def build_criterion(args, num_classes: int) -> nn.Module:
     """The training loss for ``args``: DeiT's choice among BCE, soft-target CE, label-smoothing CE and CE."""
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -248,6 +272,36 @@ def build_criterion(args, num_classes: int) -> nn.Module:
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return nn.CrossEntropyLoss()
+
+
+def describe_loss(criterion: nn.Module) -> str:
+    """The training loss in words (the dry-run summary's line)."""
+    smoothing = getattr(criterion, "smoothing", None)
+    if type(criterion).__name__ == "BinaryCrossEntropy":
+        return "BinaryCrossEntropy on targets binarised above 0 (DeiT III)"
+    if type(criterion).__name__ == "SoftTargetCrossEntropy":
+        return "SoftTargetCrossEntropy (mixup / cutmix targets, smoothed by them)"
+    return type(criterion).__name__ + (f", smoothing {smoothing:g}" if smoothing else "")
+
+
+def describe_augmentation(args) -> str:
+    """The training augmentation in words (the dry-run summary's line)."""
+    if args.three_augment:
+        parts = ["3-Augment (grayscale / solarize / blur, DeiT III)"]
+    else:
+        parts = []
+    parts.insert(0, "simple random crop (resize, pad 4, crop; --src)" if args.src
+                 else "RandomResizedCrop (scale 0.08-1)")
+    parts.append("horizontal flip")
+    if args.color_jitter and not args.aa:
+        parts.append(f"color jitter {args.color_jitter:g}")
+    if args.aa:
+        parts.append(f"RandAugment {args.aa}")
+    if args.reprob > 0:
+        parts.append(f"random erasing p {args.reprob:g}")
+    if mixup_active(args):
+        parts.append(f"mixup {args.mixup:g} / cutmix {args.cutmix:g}")
+    return ", ".join(parts)
 
 
 def mixup_active(args) -> bool:
@@ -266,26 +320,82 @@ def build_mixup(args, num_classes: int) -> Optional[Callable]:
                  label_smoothing=args.smoothing, num_classes=num_classes)
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    import sys
-
+def _bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal; disabled elsewhere (a log file gets lines, not bar redraws)."""
     from tqdm.auto import tqdm
 
-    enabled = enabled and sys.stderr.isatty()  # a log file gets the per-epoch lines, not bar redraws
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True, leave=False)
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
+
+
+class Progress:
+    """Progress inside an epoch: a tqdm bar on a terminal, else (SLURM, nohup, ``| tee``) a time-stamped line every
+    ``log_interval`` updates, as timm's train.py prints; both with loss, lr, images/s and the ETAs of the epoch and of
+    the run's training (evaluations not included). Only ``enabled`` processes (the main one) show anything."""
+
+    def __init__(self, state: TrainState, updates_per_epoch: int, epochs: int, *, enabled: bool,
+                 log_interval: int = 50):
+        self.updates_per_epoch, self.epochs, self.log_interval = updates_per_epoch, epochs, log_interval
+        self.epoch = state.epoch + 1  # numbered from 1, as log.txt and the checkpoint folders
+        self.first = state.update_in_epoch
+        self.bar = _bar(updates_per_epoch, state.update_in_epoch, f"epoch {self.epoch}/{epochs}", enabled)
+        self.lines = enabled and not sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def line_due(self, update: int) -> bool:
+        """Whether a progress line is printed after ``update`` (which costs a host read of the loss)."""
+        return self.lines and (update % self.log_interval == 0 or update == self.updates_per_epoch)
+
+    def show(self, update: int, loss: float, lr: float, images: int) -> None:
+        """Report after ``update`` of the epoch: ``loss`` the epoch's mean so far, ``images`` seen by all processes."""
+        elapsed = time.perf_counter() - self.start
+        per_update = elapsed / max(update - self.first, 1)
+        left_epoch = (self.updates_per_epoch - update) * per_update
+        left_run = left_epoch + (self.epochs - self.epoch) * self.updates_per_epoch * per_update
+        rate = images / max(elapsed, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}",
+                             eta_run=_duration(left_run), refresh=False)
+        if self.line_due(update):
+            width = len(str(self.updates_per_epoch))
+            print(f"{time.strftime('%H:%M:%S')} epoch {self.epoch}/{self.epochs} [{update:>{width}}/"
+                  f"{self.updates_per_epoch}] loss {loss:.4f}  lr {lr:.3e}  {rate:.0f} img/s  eta epoch "
+                  f"{_duration(left_epoch)}, run {_duration(left_run)}", flush=True)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self.bar.close()
+
+
+def _log_rows(rows: List[tuple], read: List[float], log_updates: Optional[Callable]) -> None:
+    """Hand (update, lr, loss, grad norm) rows, their device values read back as ``read`` (losses, then the grad norms
+    that exist), to ``log_updates`` as (update, {loss, lr[, grad_norm]})."""
+    if not rows:
+        return
+    losses, norms = read[:len(rows)], iter(read[len(rows):])
+    log_updates([(step, {"loss": value, "lr": lr, **({"grad_norm": next(norms)} if norm is not None else {})})
+                 for (step, lr, _, norm), value in zip(rows, losses)])
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criterion: nn.Module, accelerator,
                     state: TrainState, updates_per_epoch: int, *, mixup_fn: Optional[Callable] = None, ema=None,
                     clip_grad: Optional[float] = None, should_stop: Optional[Callable[[], bool]] = None,
                     after_update: Optional[Callable[[], None]] = None, channels_last: bool = False,
-                    sync_interval: int = 20, progress: bool = True) -> Dict[str, float]:
+                    sync_interval: int = 20, progress: bool = True, log_interval: int = 50,
+                    epochs: Optional[int] = None,
+                    log_updates: Optional[Callable[[List[Tuple[int, Dict[str, float]]]], None]] = None
+                    ) -> Dict[str, float]:
     """Train from ``state.update_in_epoch`` to the end of epoch ``state.epoch``; advance ``state`` as it goes.
 
     ``loader`` yields this process's micro-batches from the current position on (on the device already, or moved
     here). ``should_stop`` is asked after every update but the last of the epoch, then ``after_update`` is called.
-    The loop reads the device only every ``sync_interval`` updates (loss check, progress). Returns train_loss,
-    train_lr, images_per_sec, epoch_time and ``preempted`` (1.0 when ``should_stop`` ended the epoch early).
+    The loop reads the device only every ``sync_interval`` updates (loss check, progress, and the per-update loss /
+    lr / grad norm handed to ``log_updates`` as (update, values) rows), and for a progress line every
+    ``log_interval`` updates off a terminal. Returns train_loss, train_lr, images_per_sec, epoch_time and
+    ``preempted`` (1.0 when ``should_stop`` ended the epoch early).
     """
     model.train()
     device = accelerator.device
@@ -294,8 +404,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
     scheduler.step_update(state.num_updates)  # per-update schedules: lr(update); per-epoch ones ignore it
     loss_sum = torch.zeros((), device=device)
     micro_batches, images, preempted, lr = 0, 0, False, optimizer.param_groups[0]["lr"]
-    bar = _progress(updates_per_epoch, state.update_in_epoch, f"epoch {state.epoch}",
-                    progress and accelerator.is_main_process)
+    step_loss, step_micro, rows = torch.zeros((), device=device), 0, []  # this update's loss; updates not yet logged
+    shown = Progress(state, updates_per_epoch, epochs or state.epoch + 1,
+                     enabled=progress and accelerator.is_main_process, log_interval=log_interval)
     start = time.perf_counter()
     for samples, targets in loader:
         if state.update_in_epoch >= updates_per_epoch:
@@ -307,16 +418,20 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
+        grad_norm = None
         with accelerator.accumulate(model):  # skips the DDP all-reduce on all but the last micro-batch
             loss = criterion(model(samples), targets)
             accelerator.backward(loss)  # divides by the accumulation steps
             if clip_grad is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()  # Accelerate's wrapper steps only when the gradients are complete
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
         micro_batches += 1
         images += samples.shape[0]
+        if log_updates is not None:
+            step_loss = step_loss + loss.detach()
+            step_micro += 1
         if not accelerator.sync_gradients:
             continue
 
@@ -326,20 +441,31 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
         scheduler.step_update(state.num_updates)
         if ema is not None:
             ema.update(unwrapped, step=state.num_updates)
-        bar.update()
-        if state.update_in_epoch % sync_interval == 0 or state.update_in_epoch == updates_per_epoch:
-            mean_loss = loss_sum.item() / micro_batches  # a host sync: only every few updates
+        shown.bar.update()
+        if log_updates is not None:
+            rows.append((state.num_updates, lr, step_loss / step_micro, grad_norm))
+            step_loss, step_micro = torch.zeros((), device=device), 0
+        if (state.update_in_epoch % sync_interval == 0 or state.update_in_epoch == updates_per_epoch
+                or shown.line_due(state.update_in_epoch)):
+            # One host read for the epoch's loss so far and the per-update values since the last read.
+            read = torch.stack([loss_sum.float(), *[r[2].float() for r in rows],
+                                *[r[3].float() for r in rows if r[3] is not None]]).tolist()
+            mean_loss = read[0] / micro_batches
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at update {state.num_updates}: training diverged "
                                          "(lower --lr, or check the data)")
-            rate = images * accelerator.num_processes / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
+            _log_rows(rows, read[1:], log_updates)
+            rows = []
+            shown.show(state.update_in_epoch, mean_loss, lr, images * accelerator.num_processes)
         if state.update_in_epoch < updates_per_epoch and should_stop is not None and should_stop():
             preempted = True
             break
         if after_update is not None and state.update_in_epoch < updates_per_epoch:
             after_update()
-    bar.close()
+    shown.close()
+    if rows:  # stopped between two reads (preempted): the updates since the last one
+        _log_rows(rows, torch.stack([r[2].float() for r in rows] + [r[3].float() for r in rows if r[3] is not None]
+                                    ).tolist(), log_updates)
 
     elapsed = time.perf_counter() - start
     count = torch.tensor([float(micro_batches)], device=device)
@@ -359,7 +485,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, channels_last: 
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, count
-    bar = _progress(len(loader), 0, "eval", progress and accelerator.is_main_process)
+    bar = _bar(len(loader), 0, "eval", progress and accelerator.is_main_process)
     for samples, targets in loader:
         samples = samples.to(device, non_blocking=True)
         if channels_last:

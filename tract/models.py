@@ -101,13 +101,11 @@ def add_patch_norm(model: nn.Module, mode: str, *, name: str = "the model") -> N
 def vit_pico_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """A plain ViT for 28-px images: 4x4 patches of 7 px, width 96, 4 blocks of 3 heads (fast tests, TrAct on a
     patch embedding)."""
-    if pretrained:
-        raise ValueError("vit_pico_patch7_28 has no pretrained weights")
-    kwargs.pop("pretrained_cfg", None)
     cfg = dict(input_size=(3, 28, 28), first_conv="patch_embed.proj", classifier="head", num_classes=10)
     model_args = dict(img_size=28, patch_size=7, embed_dim=96, depth=4, num_heads=3)
-    return build_model_with_cfg(VisionTransformer, "vit_pico_patch7_28", pretrained, pretrained_cfg=cfg,
-                                **{**model_args, **kwargs})
+    # A pretrained_cfg comes from timm.create_model("local-dir:RUN", pretrained=True): a train.py run's export.
+    return build_model_with_cfg(VisionTransformer, "vit_pico_patch7_28", pretrained,
+                                pretrained_cfg=kwargs.pop("pretrained_cfg", None) or cfg, **{**model_args, **kwargs})
 
 
 @register_model
@@ -136,28 +134,31 @@ def vit_pico_convstem_28(pretrained: bool = False, **kwargs) -> VisionTransforme
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer_hybrid import ConvStem
 
-    if pretrained:
-        raise ValueError("vit_pico_convstem_28 has no pretrained weights")
-    kwargs.pop("pretrained_cfg", None)
     stem = ConvStem(kwargs.get("in_chans", 3), depth=3, channels=(24, 48, 96), stride=(2, 2, 2))  # 28 -> 4 px
     cfg = dict(input_size=(3, 28, 28), first_conv="patch_embed.backbone.0.conv", classifier="head", num_classes=10)
     model_args = dict(img_size=28, patch_size=1, embed_dim=96, depth=4, num_heads=3,
                       embed_layer=partial(HybridEmbed, backbone=stem))
-    return build_model_with_cfg(VisionTransformer, "vit_pico_convstem_28", pretrained, pretrained_cfg=cfg,
-                                **{**model_args, **kwargs})
+    return build_model_with_cfg(VisionTransformer, "vit_pico_convstem_28", pretrained,
+                                pretrained_cfg=kwargs.pop("pretrained_cfg", None) or cfg, **{**model_args, **kwargs})
 
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ResNet-18 with the CIFAR stem (3x3 stride-1 first convolution, no max-pool): the paper's CIFAR-10
     ResNet-18 (its section 4.1; TrAct wraps ``conv1``)."""
-    if pretrained:
-        raise ValueError("resnet18_cifar has no pretrained weights")
-    kwargs.pop("pretrained_cfg", None)
+    from timm.models import load_pretrained
+
+    cfg = kwargs.pop("pretrained_cfg", None) or {}
     model = timm.create_model("resnet18", **kwargs)
     model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # timm's ResNet init
     model.maxpool = nn.Identity()
+    model.pretrained_cfg = model.default_cfg = {  # its own, not resnet18's ImageNet weights
+        **dict(input_size=(3, 32, 32), first_conv="conv1", classifier="fc", num_classes=10, crop_pct=1.0,
+               interpolation="bicubic", mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"]),
+        **cfg, "architecture": "resnet18_cifar"}
+    if pretrained:  # timm.create_model("local-dir:RUN", pretrained=True): a train.py run's export
+        load_pretrained(model, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3))
     return model
 
 

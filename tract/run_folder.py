@@ -165,10 +165,7 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
     if fixed:
         raise ConfigError(f"--resume {args.resume}: the run was started with " +
                           ", ".join(f"{k}={v!r}" for k, v in fixed.items()) + " and its checkpoints only fit that; "
-                          f"pass the same values (python train.py -c {source / 'args.yaml'} --resume {args.resume} "
-                          "does)")
-    for key, (then, value) in changed.items():
-        log(f"note: resuming with {key} = {value!r} (the run started with {then!r})")
+                          f"leave them out (--resume {args.resume} alone takes the run's)")
     if args.resume and checkpoint is None:
         if args.eval:
             raise ConfigError(f"--eval --resume {args.resume}: the run has no checkpoint yet, nothing to evaluate")

@@ -1,15 +1,67 @@
-"""The per-epoch record of a run: DeiT's ``log.txt`` (one JSON line per epoch) and TensorBoard scalars.
+"""The record of a run: the summary printed at its start, DeiT's ``log.txt`` (one JSON line per epoch) and
+TensorBoard scalars.
 
 A resumed run continues the record from its checkpoint: lines of the epochs the checkpoint does not hold are dropped
-(a torn last line too) and TensorBoard's events from that epoch on are purged, so the record and the checkpoint agree
-whatever point a kill came at.
+(a torn last line too), ``summary.csv`` is rewritten from the lines kept, and TensorBoard's events past the
+checkpoint's update are purged, so the record and the checkpoint agree whatever point a kill came at.
 """
 import json
 import os
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["RunLog", "read_log"]
+__all__ = ["RunLog", "read_log", "run_summary"]
+
+
+def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float, optimizer, criterion,
+                tract_layer: Optional[str]) -> Dict[str, Any]:
+    """What a run will do, one line per item: train.py prints it at the start and ``--dry-run`` stops after it."""
+    import torch
+
+    from tract.engine import describe_augmentation, describe_first_layer, describe_loss, describe_optimizer, lr_warning
+    from tract.models import describe_patch_norm
+
+    global_batch = args.batch_size * accelerator.num_processes * args.accum_steps
+    warning = lr_warning(args, lr)
+    return {
+        "parameters": n_parameters, "classes": data.num_classes, "train images": len(data.train_set),
+        "val images": len(data.val_set),
+        "input": f"{args.input_size} px, {args.in_chans} channel(s), mean {_numbers(data.mean)}, std "
+                 f"{_numbers(data.std)}",
+        "data resize": data.describe_resize(args.input_size, args.eval_crop_ratio),
+        "augmentation": describe_augmentation(args),
+        "loss": describe_loss(criterion),
+        "processes": accelerator.num_processes, "global batch": global_batch,
+        "per-process batch": args.batch_size, "accumulation steps": args.accum_steps,
+        "updates per epoch": data.updates_per_epoch, "epochs": args.epochs,
+        "lr": f"{lr:.6g}" + (" (--unscale-lr)" if args.unscale_lr else
+                             f" (--lr {args.lr:g} x global batch {global_batch} / 512)") +
+              (f"; WARNING: {warning}" if warning else ""),
+        "schedule": f"{args.sched} to --min-lr {args.min_lr:g}, stepped per " +
+                    ("update" if args.sched_on_updates else "epoch"),
+        "warmup": (f"{args.warmup_epochs} epoch(s) from --warmup-lr {args.warmup_lr:g}" if args.warmup_epochs
+                   else "none"),
+        "optimizer": f"{type(optimizer).__name__}, eps {optimizer.defaults.get('eps', 'none')}",
+        "first-layer optimizer": describe_first_layer(optimizer),
+        "tract": f"on, layer {tract_layer}, lambda {args.tract_lambda}" if tract_layer else "off",
+        "patch norm": describe_patch_norm(args.patch_norm),
+        "precision": accelerator.mixed_precision, "device": str(accelerator.device), "output": place.output_dir,
+        "resume": place.checkpoint or ("from the start (no checkpoint yet)" if place.continues else "no"),
+        "optimizer implementation": describe_optimizer(optimizer),
+        "compile": (f"torch.compile, backend {args.torchcompile}, mode {args.torchcompile_mode or 'default'}"
+                    if args.torchcompile else "off (eager)"),
+        "channels last": "on" if args.channels_last else "off",
+        "input path": data.describe_input_path(),
+        "tf32, cudnn.benchmark": (f"{'on' if args.tf32 else 'off'}, {'on' if args.cudnn_benchmark else 'off'}"
+                                  if torch.cuda.is_available() else "n/a (no CUDA)"),
+        "host syncs": f"every {args.sync_interval} updates" + (
+            ", and one per micro-batch at the end of backward (TrAct's solve check; none when compiled)"
+            if tract_layer and not args.torchcompile else ""),
+        "evaluation": f"every {args.val_interval} epoch(s) and after the last",
+        "mid-epoch checkpoints": (f"every {args.checkpoint_interval_updates} updates"
+                                  if args.checkpoint_interval_updates else "off"),
+    }
 
 
 def read_log(path: Path) -> List[Dict]:
@@ -24,47 +76,99 @@ def read_log(path: Path) -> List[Dict]:
     return [r for r in records if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
 
 
-class RunLog:
-    """Appends one JSON line per epoch to ``OUTPUT/log.txt`` and mirrors the numbers to TensorBoard in OUTPUT.
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
-    ``resume_epoch``: the epochs done in the checkpoint the run continues from; later records are removed.
+
+class RunLog:
+    """The run's record in OUTPUT: ``log.txt`` (one JSON line per epoch, DeiT's, with a time stamp), ``summary.csv``
+    (timm's ``update_summary`` columns: epoch, train_loss, eval_loss, eval_top1, eval_top5, lr) and TensorBoard
+    (per-epoch numbers, per-update loss / lr / grad norm, and the run's hyperparameters for the HParams tab).
+
+    Epochs are numbered from 1, as the checkpoint folders are (``epoch-0003`` is written after epoch 3). TensorBoard's
+    step is the optimizer update, for per-epoch numbers too. ``resume_epoch`` / ``resume_step``: the epochs and
+    updates done in the checkpoint the run continues from; the record past them is removed.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool = True, resume_epoch: Optional[int] = None):
+    SUMMARY = "summary.csv"
+
+    def __init__(self, output_dir: Path, enabled: bool = True, resume_epoch: Optional[int] = None,
+                 resume_step: Optional[int] = None, hparams: Optional[Dict[str, Any]] = None):
         self.path = Path(output_dir) / "log.txt"
+        self.summary = Path(output_dir) / self.SUMMARY
         self.writer = None
         self.records: List[Dict] = []
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] < resume_epoch]
+            self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] <= resume_epoch]
             if resume_epoch is not None:
                 tmp = self.path.with_name(".log.txt.tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
                 os.replace(tmp, self.path)
-            self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=resume_epoch)
+                tmp = self.summary.with_name(f".{self.SUMMARY}.tmp")
+                tmp.unlink(missing_ok=True)
+                for record in self.records:
+                    _summary_row(record, tmp)
+                if tmp.exists():
+                    os.replace(tmp, self.summary)
+                else:
+                    self.summary.unlink(missing_ok=True)
+            resume_step = resume_step if resume_epoch is not None else None
+            self.writer = SummaryWriter(log_dir=str(output_dir),
+                                        purge_step=None if resume_step is None else resume_step + 1)
+            if hparams is not None and not resume_step:  # once per run: at its start (step 0)
+                self._write_hparams(hparams)
+
+    def _write_hparams(self, hparams: Dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+        # The metrics are the per-epoch scalars of the same run, which the HParams tab then shows beside them.
+        for summary in hparams_summary(plain, {"test/acc1": None, "test/loss": None, "train/loss": None}):
+            self.writer.file_writer.add_summary(summary, 0)
+        self.writer.flush()
 
     def has(self, epoch: int) -> bool:
-        """Whether the record holds a line for ``epoch``."""
+        """Whether the record holds a line for ``epoch`` (numbered from 1)."""
         return any(r["epoch"] == epoch for r in self.records)
 
-    def write(self, stats: Dict[str, float], step: Optional[int] = None) -> None:
-        """Log one epoch's stats; TensorBoard tags are ``train/loss``-style, at ``step`` (default: the epoch)."""
+    def write(self, stats: Dict[str, Any], step: int) -> None:
+        """Log one epoch's stats (with a time stamp); TensorBoard tags are ``train/loss``-style, at update ``step``."""
         if self.writer is None:
             return
+        stats = {**stats, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with self.path.open("a") as f:
             f.write(json.dumps(stats) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records.append(stats)
-        step = stats["epoch"] if step is None else step
+        _summary_row(stats, self.summary)
         for key, value in stats.items():
-            if key != "epoch" and isinstance(value, (int, float)):
+            if key not in ("epoch", "n_parameters") and isinstance(value, (int, float)):
                 split, _, name = key.partition("_")
                 self.writer.add_scalar(f"{split}/{name}" if name else key, value, step)
         self.writer.flush()
+
+    def updates(self, rows: Sequence[Tuple[int, Dict[str, float]]]) -> None:
+        """Per-update TensorBoard scalars (``update/loss``, ``update/lr``, ``update/grad_norm``), as (step, values)."""
+        if self.writer is None:
+            return
+        for step, values in rows:
+            for key, value in values.items():
+                self.writer.add_scalar(f"update/{key}", value, step)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
         if self.writer is not None:
             self.writer.close()
+
+
+def _summary_row(stats: Dict[str, Any], path: Path) -> None:
+    """One epoch appended to a summary CSV in timm's layout (timm.utils.update_summary, as timm's train.py calls it);
+    an epoch without evaluation (--val-interval) has empty eval cells, so the columns stay aligned."""
+    from timm.utils import update_summary
+
+    update_summary(stats["epoch"], {"loss": stats.get("train_loss")},
+                   {"loss": stats.get("test_loss"), "top1": stats.get("test_acc1"), "top5": stats.get("test_acc5")},
+                   str(path), lr=stats.get("train_lr"))

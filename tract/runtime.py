@@ -6,7 +6,8 @@ SIGTERM a process only raises a flag. The training loop asks ``should_stop`` aft
 multi-process run the processes agree by one all-reduce, and read its result on the host, only every ``interval``
 updates (``--sync-interval``), so that they stop after the same update without a device sync per update; a
 single process stops after the next update. train.py then writes the ``last`` checkpoint (with the position inside
-the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update.
+the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update. A first
+Ctrl-C (SIGINT) does the same and exits 130; a second one stops at once.
 """
 import argparse
 import os
@@ -20,11 +21,11 @@ from tract.config import ConfigError, first_process_on_machine
 from tract.data import DatasetError
 from tract.weights import WeightsError
 
-__all__ = ["EXIT_REQUEUE", "requested_precision", "check_precision", "set_cuda_speed_flags", "build_accelerator",
-           "default_num_workers",
-           "Preemption", "run_cli"]
+__all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "requested_precision", "check_precision", "set_cuda_speed_flags",
+           "build_accelerator", "cpu_launch", "default_num_workers", "Preemption", "run_cli"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
 
 
 def requested_precision(args: argparse.Namespace) -> str:
@@ -68,6 +69,21 @@ def build_accelerator(args: argparse.Namespace):
     return Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
 
 
+def cpu_launch() -> bool:
+    """Make a process of a multi-process launch that sees no GPU run on the CPU (DDP over gloo); True if it did.
+
+    ``accelerate launch --multi_gpu`` (and launch/accelerate/cpu.yaml) start the processes through torchrun without
+    passing a config's ``use_cpu`` on (accelerate 1.15), and Accelerate then turns a process without a GPU into a
+    single process of rank 0. ``ACCELERATE_USE_CPU`` is what Accelerate's own single-process launcher sets for this.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if launched and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+            "1", "true", "yes"):
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+        return True
+    return False
+
+
 def default_num_workers() -> int:
     """DeiT's 10 loader workers per process, fewer when this machine's CPUs are shared by more processes."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -76,16 +92,20 @@ def default_num_workers() -> int:
 
 
 class Preemption:
-    """Turns SIGUSR1/SIGTERM into a flag that all processes agree on at the same optimizer update.
+    """Turns SIGUSR1/SIGTERM, and a first Ctrl-C (SIGINT), into a flag that all processes agree on at the same
+    optimizer update; a second Ctrl-C stops at once (KeyboardInterrupt).
 
     ``interval``: in a multi-process run the agreement (an all-reduce and a host read) happens at updates that are
-    multiples of it, or whenever ``should_stop`` is asked without an update number.
+    multiples of it, or whenever ``should_stop`` is asked without an update number. ``exit_code`` is the status the
+    script exits with once stopped: 75 ("requeue me") for a cluster's signal, 130 (128 + SIGINT, the shell's) for
+    Ctrl-C.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, interval: int = 1):
         self.requested = False
+        self.received: Optional[int] = None  # the first signal
         self.interval = interval
         self._previous = {}
 
@@ -102,7 +122,21 @@ class Preemption:
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the checkpoint
+        if self.received is None:
+            self.received = signum
         self.requested = True
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop was asked for by Ctrl-C (SIGINT) rather than by a cluster's signal."""
+        return self.received == signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        """The exit status once stopped: EXIT_REQUEUE for SIGUSR1/SIGTERM, 130 for Ctrl-C."""
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_REQUEUE
 
     def should_stop(self, accelerator, update: Optional[int] = None) -> bool:
         """True on every process once any process got a signal: one tiny all-reduce when distributed, made only at
