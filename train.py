@@ -18,7 +18,7 @@ from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tract.checkpoint import TrainState, export_weights, load_checkpoint, repair_links, save_checkpoint
-from tract.config import ConfigError, parse_args, save_args
+from tract.config import ConfigError, parse_args
 from tract.data import (DeviceLoader, RASampler, SeededBatches, SeededBatchSampler, build_dataset, build_transform,
                         check_dataset, default_mean_std)
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, describe_optimizer, evaluate,
@@ -158,6 +158,10 @@ def main(argv=None) -> None:
         if checkpoint is not None:
             load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state, ema=ema,
                             exact=not args.resume_inexact, log=say)
+            if state.epoch > args.epochs or state.update_in_epoch >= updates_per_epoch:  # a forged train state
+                raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
+                                  f"this run's {args.epochs} epochs of {updates_per_epoch} updates: resume with the "
+                                  f"run's --epochs and batch options, or from another checkpoint")
             say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")
 
         progress = args.progress
@@ -167,8 +171,6 @@ def main(argv=None) -> None:
                 f"loss {stats['loss']:.4f}")
             return
 
-        if accelerator.is_main_process and not (output_dir / "args.yaml").exists():
-            save_args(args, output_dir / "args.yaml")
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process,
                          resume_epoch=state.epoch if checkpoint or place.continues else None)
 

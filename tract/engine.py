@@ -151,11 +151,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
     unwrapped = accelerator.unwrap_model(model)
     scheduler.step(state.epoch)  # per-epoch schedules: lr(epoch); per-update ones ignore this call
     scheduler.step_update(state.num_updates)  # per-update schedules: lr(update); per-epoch ones ignore it
-    loss_sum = torch.zeros((), device=device)
-    micro_batches, images, preempted, lr = 0, 0, False, optimizer.param_groups[0]["lr"]
+    # A resumed epoch goes on from the statistics its checkpoint carried: its log line is the uninterrupted one's.
+    carried = state.carried(accelerator.process_index, accelerator.num_processes)
+    loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float32, device=device)
+    micro_batches, images, preempted, lr = carried["micro_batches"], carried["images"], False, optimizer.param_groups[
+        0]["lr"]
     bar = _progress(updates_per_epoch, state.update_in_epoch, f"epoch {state.epoch}",
                     progress and accelerator.is_main_process)
-    start = time.perf_counter()
+    start = time.perf_counter() - carried["elapsed"]
+    state.live = lambda: (loss_sum, micro_batches, images, time.perf_counter() - start)  # what a checkpoint saves
     for samples, targets in loader:
         if state.update_in_epoch >= updates_per_epoch:
             break

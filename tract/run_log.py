@@ -9,14 +9,19 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["RunLog", "read_log"]
+from tract.safe_files import append_text, read_bytes, write_atomic, write_failed
+
+__all__ = ["RunLog", "read_log", "MAX_LOG_BYTES"]
+
+MAX_LOG_BYTES = 1 << 26  # a line per epoch: a few hundred KB for the longest recipes
 
 
 def read_log(path: Path) -> List[Dict]:
-    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out)."""
+    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out); a log that is a link or
+    beyond MAX_LOG_BYTES is refused."""
     records = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
+    if os.path.lexists(path):
+        for line in read_bytes(Path(path), MAX_LOG_BYTES).decode(errors="replace").splitlines():
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -39,9 +44,10 @@ class RunLog:
 
             self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] < resume_epoch]
             if resume_epoch is not None:
-                tmp = self.path.with_name(".log.txt.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-                os.replace(tmp, self.path)
+                try:
+                    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+                except OSError as e:
+                    raise write_failed(self.path, e, self.path.parent) from None
             self.writer = SummaryWriter(log_dir=str(output_dir), purge_step=resume_epoch)
 
     def has(self, epoch: int) -> bool:
@@ -52,10 +58,13 @@ class RunLog:
         """Log one epoch's stats; TensorBoard tags are ``train/loss``-style, at ``step`` (default: the epoch)."""
         if self.writer is None:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(stats) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        from tract.run_folder import check_still_held
+
+        check_still_held(self.path.parent)
+        try:
+            append_text(self.path, json.dumps(stats) + "\n")
+        except OSError as e:
+            raise write_failed(self.path, e, self.path.parent) from None
         self.records.append(stats)
         step = stats["epoch"] if step is None else step
         for key, value in stats.items():
