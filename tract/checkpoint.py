@@ -232,7 +232,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     is left. Nothing is written through a link: ``root`` must be a real folder of the run, which this process must
     still hold (a run folder deleted or replaced under a running run stops it).
     """
-    from tract.run_folder import check_still_held
+    from tract.run_folder import check_still_held, on_main
 
     root = Path(root)
     name = checkpoint_name(state)
@@ -244,9 +244,11 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
                                  f"and nothing was saved; {good} (rerun the command with --resume "
                                  f"{root.parent} and a lower --lr)")
     state.partial = _gather_partial(accelerator, state)
-    if accelerator.is_main_process:
+    def may_write() -> None:
         check_still_held(root.parent)
         refuse_link(root, f"Delete the link, then rerun the command with --resume {root.parent}")
+
+    on_main(accelerator, may_write)  # refused on the main process: every process stops
     try:
         if accelerator.is_main_process:
             root.mkdir(exist_ok=True)  # not parents: a run folder that vanished is not made again

@@ -205,7 +205,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="run folder; None = output/train/<time>-<model>-<size>")
-    g.add_argument("--resume", default=None, metavar="PATH", help="a run folder (newest checkpoint) or a checkpoint")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="a run folder (the checkpoint its `last` points to) or a checkpoint")
     g.add_argument("--rewind", action=bool_flag, default=False,
                    help="with --resume of an earlier checkpoint of the same run: move its later checkpoints and log "
                         "aside (into OUTPUT/rewound-<time>/) and continue from that checkpoint")
@@ -253,7 +254,8 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 
     parser = parser or get_args_parser()
     # bounded (size, nesting, YAML aliases expanded): a config, or a run's args.yaml, cannot exhaust memory
-    cfg = read_yaml(Path(path), follow=True, fix="fix or replace the file (python train.py --help lists the keys)") or {}
+    fix = "fix or replace the file (python train.py --help lists the keys)"
+    cfg = read_yaml(Path(path), follow=True, fix=fix) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a mapping of argument names to values")
     actions = _dests(parser)

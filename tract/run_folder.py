@@ -27,7 +27,7 @@ from tract.config import ConfigError
 from tract.safe_files import UnsafeFileError, disk_problem, link_problem, read_yaml, refuse_link
 
 __all__ = ["LOCK_NAME", "ARCHITECTURE_ARGS", "holds_run", "check_output_dir", "RunLock", "RunPlace",
-           "place_run", "check_still_held", "RunFolderLost"]
+           "place_run", "check_still_held", "RunFolderLost", "on_main"]
 
 LOCK_NAME = "run.lock"
 # What a checkpoint's tensors are shaped by: a resume that changes one of these cannot load it.
@@ -220,7 +220,7 @@ def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[st
     log(f"note: rewound {run} to {checkpoint.name}: its later checkpoints and its log as it was are in {aside}")
 
 
-def _on_main(accelerator, fn: Callable[[], Any]) -> Any:
+def on_main(accelerator, fn: Callable[[], Any]) -> Any:
     """fn() run on the main process only, its result given to every process; a ConfigError there is raised on every
     process, so all stop together."""
     from accelerate.utils import broadcast_object_list
@@ -265,7 +265,7 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
     from tract.checkpoint import resolve_resume
 
     # Verifying reads (and hashes) every file of a checkpoint: once, not once per process of a launch.
-    checkpoint, source = _on_main(accelerator, lambda: resolve_resume(args.resume, log=log)) if args.resume else (
+    checkpoint, source = on_main(accelerator, lambda: resolve_resume(args.resume, log=log)) if args.resume else (
         None, None)
     saved = _saved_args(source) if source else {}
     continues = source is not None
@@ -317,9 +317,9 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
     place = RunPlace(Path(output_dir), checkpoint, continues)
     if writes:
         place.lock = RunLock(output_dir)
-        _on_main(accelerator, place.lock.acquire)
+        on_main(accelerator, place.lock.acquire)
         try:
-            _on_main(accelerator, lambda: _start_writing(args, place, rewind, log))
+            on_main(accelerator, lambda: _start_writing(args, place, rewind, log))
         except BaseException:
             place.release()
             raise
