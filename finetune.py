@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_finetune_args(argv)
     # train.main parses a command line: give it the resolved arguments as a config file, the way -c replays a run.
     run_control = [*(["--resume", args.resume] if args.resume else []), *(["--eval"] if args.eval else []),
-                   *(["--dry-run"] if args.dry_run else [])]
+                   *(["--dry-run"] if args.dry_run else []), *(["--rewind"] if args.rewind else []),
+                   *(["--resume-inexact"] if args.resume_inexact else [])]
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "args.yaml"
         save_args(args, resolved)

@@ -738,7 +738,7 @@ def test_a_newest_checkpoint_beyond_the_bounds_fails_verification_and_the_previo
     checkpoint, _ = resolve_resume(str(out), log=notes.append)
     assert checkpoint == (out / "checkpoints" / "epoch-0001").resolve()
     assert len(notes) == 1 and re.search(reason, notes[0]), notes
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 5  # measured: under 0.1 s each
 
 
 @pytest.mark.parametrize("name,values", [("epoch-0099", {"epoch": 99, "num_updates": 600}),

@@ -206,9 +206,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
 
     elapsed = time.perf_counter() - start
     count = torch.tensor([float(micro_batches)], device=device)
-    loss_sum = accelerator.reduce(loss_sum.reshape(1), reduction="sum")
-    count = accelerator.reduce(count, reduction="sum")
-    return {"train_loss": (loss_sum / count.clamp(min=1)).item() if count.item() else float("nan"),
+    total = accelerator.reduce(loss_sum.reshape(1), reduction="sum")  # loss_sum stays this process's: a checkpoint
+    count = accelerator.reduce(count, reduction="sum")  # written after a preemption saves it
+    return {"train_loss": (total / count.clamp(min=1)).item() if count.item() else float("nan"),
             "train_lr": lr,
             "images_per_sec": images * accelerator.num_processes / max(elapsed, 1e-9),
             "epoch_time": elapsed,
