@@ -16,7 +16,11 @@ never trusted.
 Loading never runs code, whatever a file holds or is named: only the files the manifest names are read, safetensors
 and JSON as such and the rest with ``torch.load(weights_only=True)`` (numpy's RNG arrays are the only extra types
 allowed). Accelerate's own ``load_state`` is not used because it unpickles registered objects with
-``weights_only=False``.
+``weights_only=False``. Verification is bounded (tract/safe_files.py): the manifest and train state are read as
+small JSON of finite numbers, every listed file must be a regular file (not a link) of the listed size, and the train
+state must be one a run writes at the position the folder's name says.
+
+``--resume RUN`` follows ``last``: a checkpoint newer than it (written just before a kill) is not resumed from.
 """
 import json
 import math
@@ -275,6 +279,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     except Exception as e:  # a full disk: OSError, torch's RuntimeError("... unexpected pos ..."), SafetensorError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            check_still_held(root.parent)  # the folder deleted during the save: that is the message
         last = root / "last"
         kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
         raise CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, e)}; {kept}. Free "

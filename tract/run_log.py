@@ -64,6 +64,7 @@ class RunLog:
         try:
             append_text(self.path, json.dumps(stats) + "\n")
         except OSError as e:
+            check_still_held(self.path.parent)  # the folder deleted during the write: that is the message
             raise write_failed(self.path, e, self.path.parent) from None
         self.records.append(stats)
         step = stats["epoch"] if step is None else step
