@@ -199,7 +199,7 @@ train.cli(sys.argv[1:])
 # (where, the function entered, its n-th call): inside a save (train state written, manifest not), after the rename
 # before `last`, before pruning, inside the evaluation, before `best`, before the log line, before the weights export.
 KILL_POINTS = [("tract.checkpoint", "_write_json", 1), ("tract.checkpoint", "_write_json", 2),
-               ("tract.checkpoint", "_relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
+               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
                ("train", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
                ("train", "export_weights", 1)]
 

@@ -37,8 +37,9 @@ from tract.config import ConfigError
 from tract.safe_files import (UnsafeFileError, disk_problem, read_json, refuse_link, remove_entry, sha256_file,
                               write_failed, write_new)
 
-__all__ = ["CheckpointError", "TrainState", "checkpoint_name", "save_checkpoint", "verify_checkpoint",
-           "resolve_resume", "load_checkpoint", "repair_links", "export_weights", "parameters_finite", "MANIFEST"]
+__all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
+           "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "load_checkpoint", "repair_links",
+           "export_weights", "parameters_finite", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -167,14 +168,15 @@ def _write_json(path: Path, obj: Any) -> None:
     write_new(path, json.dumps(obj, indent=1).encode())
 
 
-def _relink(root: Path, link: str, target: str) -> None:
+def relink(root: Path, link: str, target: str) -> None:
+    """Point ``root/link`` at ``target`` atomically (a fresh link renamed over the old one)."""
     tmp = root / f".{link}.tmp"
     remove_entry(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, root / link)  # replaces the link itself, whatever it pointed to
 
 
-def _checkpoints(root: Path) -> List[str]:
+def checkpoint_names(root: Path) -> List[str]:
     """Checkpoint folder names under root, oldest first (links are not checkpoints)."""
     if not root.is_dir():
         return []
@@ -201,13 +203,13 @@ def repair_links(root: Path, state: TrainState) -> None:
     name = best_name(state)
     link = Path(root) / "best"
     if name and (Path(root) / name).is_dir() and not (link.is_symlink() and os.readlink(link) == name):
-        _relink(Path(root), "best", name)
+        relink(Path(root), "best", name)
 
 
 def _prune(root: Path, keep: int, state: TrainState) -> None:
     protected = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
     protected.add(best_name(state))
-    names = _checkpoints(root)
+    names = checkpoint_names(root)
     for name in names[:-keep] if keep > 0 else names:
         if name not in protected:
             shutil.rmtree(root / name, ignore_errors=True)
@@ -286,9 +288,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
                               f"space (or fix the permissions), then rerun the command with --resume {root.parent}"
                               ) from None
     if accelerator.is_main_process:
-        _relink(root, "last", name)
+        relink(root, "last", name)
         if is_best:
-            _relink(root, "best", name)
+            relink(root, "best", name)
         _prune(root, keep, state)
     accelerator.wait_for_everyone()
     return final
@@ -375,7 +377,7 @@ def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Op
         root = run / "checkpoints"
         refuse_link(root, f"A run's checkpoints/ must be its own folder: resume the run it belongs to, or delete the "
                           f"link and rerun the command with --resume {run}")
-        names = _checkpoints(root)
+        names = checkpoint_names(root)
         if not names:
             return None, run.resolve()
         last = link_target(root, "last")

@@ -143,9 +143,12 @@ class RunLock:
         except (ConfigError, OSError):
             left = None
         if self._created_folder and left is not None and left <= {LOCK_NAME, "args.yaml"}:
-            for name in left:
-                (self.folder / name).unlink()
-            self.folder.rmdir()
+            try:
+                for name in left:
+                    (self.folder / name).unlink()
+                self.folder.rmdir()
+            except OSError:  # something appeared meanwhile: the folder stays, the error being raised is the news
+                pass
         os.close(self._fd)
         self._fd = None
 
@@ -193,11 +196,11 @@ def _check_own_files(run: Path) -> None:
 def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
     """What resuming ``run`` from its own ``checkpoint`` would leave behind: the later checkpoints and the epochs
     logged past it."""
-    from tract.checkpoint import _checkpoints, name_position
+    from tract.checkpoint import checkpoint_names, name_position
     from tract.run_log import read_log
 
     position = name_position(checkpoint.name)
-    later = [n for n in _checkpoints(run / "checkpoints") if name_position(n) > position]
+    later = [n for n in checkpoint_names(run / "checkpoints") if name_position(n) > position]
     logged = [r["epoch"] for r in read_log(run / "log.txt") if r["epoch"] >= position[0]]
     return later, logged
 
@@ -205,7 +208,7 @@ def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
 def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[str], None]) -> None:
     """--rewind: the later checkpoints and the whole log go to ``run/rewound-<time>/``; ``last`` points at the
     checkpoint resumed from (the log is cut back to it by RunLog)."""
-    from tract.checkpoint import _relink
+    from tract.checkpoint import relink
 
     aside = run / f"rewound-{time.strftime('%Y%m%d-%H%M%S')}"
     (aside / "checkpoints").mkdir(parents=True)
@@ -214,7 +217,7 @@ def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[st
         os.rename(root / name, aside / "checkpoints" / name)
     if (run / "log.txt").is_file():
         shutil.copy2(run / "log.txt", aside / "log.txt")
-    _relink(root, "last", checkpoint.name)
+    relink(root, "last", checkpoint.name)
     if (root / "best").is_symlink() and os.readlink(root / "best") in later:
         (root / "best").unlink()
     log(f"note: rewound {run} to {checkpoint.name}: its later checkpoints and its log as it was are in {aside}")
