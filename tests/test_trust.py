@@ -670,6 +670,7 @@ def test_a_run_stopped_mid_epoch_then_resumed_logs_the_uninterrupted_runs_lines(
     assert record(out) == record(reference)
     assert tensorboard_scalars(out, "train/loss") == tensorboard_scalars(reference, "train/loss")
     assert same_weights(out / "model.safetensors", reference / "model.safetensors")
+    assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
 
 
 # ---- every file read from a run folder is bounded: a checkpoint beyond the bounds fails verification ---------------
