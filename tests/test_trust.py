@@ -658,7 +658,8 @@ def tensorboard_scalars(out: Path, tag: str):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-@pytest.mark.parametrize("sig,n", [(signal.SIGKILL, 4), (signal.SIGTERM, 3), (signal.SIGTERM, 9)])
+# kill -9 in the first epoch after its update-2 checkpoint; SIGTERM at update 3 of the second (its first logged)
+@pytest.mark.parametrize("sig,n", [(signal.SIGKILL, 4), (signal.SIGTERM, 9)])
 def test_a_run_stopped_mid_epoch_then_resumed_logs_the_uninterrupted_runs_lines(killed_reference, tmp_path, sig, n):
     reference, argv = killed_reference
     out = tmp_path / "run"
@@ -821,9 +822,8 @@ train.cli(sys.argv[1:])
 
 
 # per-file size limits that make the first failing write: args.yaml (start-up), a checkpoint's model.safetensors
-# (mid-save, in safetensors), its optimizer.bin (torch: "unexpected pos")
-@pytest.mark.parametrize("limit,what", [(500, "args.yaml"), (5000, "checkpoint epoch-0001"),
-                                        (100_000, "checkpoint epoch-0001.*disk full")])
+# (mid-save, in safetensors); torch's way of failing is test_torchs_unexpected_pos_is_told_as_a_full_disk
+@pytest.mark.parametrize("limit,what", [(500, "args.yaml"), (5000, "checkpoint epoch-0001")])
 def test_a_full_disk_at_any_write_is_one_message_leaves_no_partial_file_and_the_run_then_finishes(
         killed_reference, tmp_path, limit, what):
     reference, argv = killed_reference
@@ -909,17 +909,13 @@ def test_a_kill_during_start_up_leaves_a_folder_the_told_command_continues(kille
     reference, argv = killed_reference
     out = tmp_path / "run"
     argv = with_output(argv, out)
-    killed = run_script(argv, script=KILLER.format(root=str(ROOT), owner=owner, name=name, n=1,
-                                                   sig=int(signal.SIGKILL)), check=False)
+    script = KILLER.format(root=str(ROOT), owner=owner, name=name, n=1, sig=int(signal.SIGKILL))
+    killed = run_script(argv, script=script, check=False)
     assert killed.returncode == -signal.SIGKILL and out.is_dir()
-    again = run_script(argv, check=False)  # the original command: it restarts, or names the command that continues
-    if again.returncode:
-        assert f"already holds a run: pass --resume {out}" in again.stderr
+    if name == "save_args":  # killed between run.lock and args.yaml: --resume starts it from the beginning
+        run_script([*argv, "--resume", str(out)])
+    else:  # args.yaml written: the original command names the command that continues, which does
+        again = run_script(argv, check=False)
+        assert again.returncode == 1 and f"already holds a run: pass --resume {out}" in again.stderr
         run_script([*argv, "--resume", str(out)])
     assert record(out) == record(reference)
-    resumed = tmp_path / "resumed"  # the same kill, then --resume right away
-    argv = with_output(argv, resumed)
-    run_script(argv, script=KILLER.format(root=str(ROOT), owner=owner, name=name, n=1, sig=int(signal.SIGKILL)),
-               check=False)
-    run_script([*argv, "--resume", str(resumed)])
-    assert record(resumed) == record(reference)
