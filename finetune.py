@@ -24,11 +24,10 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import yaml
-
 import train
 from tract.config import ConfigError, command_line_keys, parse_args
 from tract.runtime import run_cli
+from tract.safe_files import read_yaml
 from tract.weights import find_run_args
 
 # DeiT III's finetune recipe (README command for ViT-B at 224 px; recipes.md section 4) without what depends on the
@@ -67,7 +66,10 @@ def run_defaults(path: str) -> Tuple[Dict[str, Any], Optional[Path]]:
     args_yaml = find_run_args(path)
     if args_yaml is None:
         return {}, None
-    run_args = yaml.safe_load(args_yaml.read_text()) or {}
+    run_args = read_yaml(args_yaml, fix=f"it is not the args.yaml train.py writes: restore it, or pass the weights "
+                                     f"file itself (--finetune {args_yaml.parent / 'model.safetensors'})") or {}
+    if not isinstance(run_args, dict):
+        raise ConfigError(f"{args_yaml} is not a mapping of options: pass the weights file itself")
     inherited = {k: run_args[k] for k in INHERITED if k in run_args}
     say(f"finetune.py: defaults from {args_yaml}: " + ", ".join(f"{k}={v}" for k, v in inherited.items()))
     return inherited, args_yaml

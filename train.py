@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 
 from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, repair_links,
                               save_checkpoint, settle_resume)
-from tract.config import inactive_tract_options, parse_args, save_args
+from tract.config import ConfigError, inactive_tract_options, parse_args
 from tract.data import build_train_data
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, lr_warning,
                           scaled_lr, train_one_epoch)
@@ -85,6 +85,10 @@ def main(argv=None, args=None) -> None:
         if checkpoint is not None:
             load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state, ema=ema,
                             exact=not args.resume_inexact, log=say)
+            if state.epoch > args.epochs or state.update_in_epoch >= data.updates_per_epoch:  # a forged train state
+                raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
+                                  f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
+                                  "the run's --epochs and batch options, or from another checkpoint")
             say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")
 
         progress = args.progress
@@ -94,8 +98,6 @@ def main(argv=None, args=None) -> None:
                 f"loss {stats['loss']:.4f}")
             return
 
-        if accelerator.is_main_process and not (output_dir / "args.yaml").exists():
-            save_args(args, output_dir / "args.yaml")
         resumed = checkpoint is not None or place.continues
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
                          resume_step=state.num_updates, hparams=vars(args))

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,13 +186,13 @@ def test_resume_without_this_process_random_state_is_refused_unless_inexact_is_a
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import train, tract.checkpoint, tract.run_log
+import torch, train, tract.checkpoint, tract.config, tract.run_log
 owner, name, n = {owner}, {name!r}, {n}
 original, calls = getattr(owner, name), [0]
 def killing(*args, **kwargs):
     calls[0] += 1
     if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), {sig})
     return original(*args, **kwargs)
 setattr(owner, name, killing)
 train.cli(sys.argv[1:])
@@ -199,7 +200,7 @@ train.cli(sys.argv[1:])
 # (where, the function entered, its n-th call): inside a save (train state written, manifest not), after the rename
 # before `last`, before pruning, inside the evaluation, before `best`, before the log line, before the weights export.
 KILL_POINTS = [("tract.checkpoint", "_write_json", 1), ("tract.checkpoint", "_write_json", 2),
-               ("tract.checkpoint", "_relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
+               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
                ("train", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
                ("train", "export_weights", 1)]
 
@@ -229,7 +230,8 @@ def test_kill_9_at_any_point_then_resume_gives_bitwise_the_run_its_log_and_its_b
     out = tmp_path / "run"
     i = argv.index("--output-dir")
     argv = [*argv[:i], "--output-dir", str(out), *argv[i + 2:]]
-    killed = run_script(argv, script=KILLER.format(root=str(ROOT), owner=owner, name=name, n=n), check=False)
+    script = KILLER.format(root=str(ROOT), owner=owner, name=name, n=n, sig=int(signal.SIGKILL))
+    killed = run_script(argv, script=script, check=False)
     assert killed.returncode == -signal.SIGKILL
     run_script([*argv, "--resume", str(out)])
     assert same_weights(out / "model.safetensors", reference / "model.safetensors")
@@ -496,3 +498,425 @@ def test_a_finetune_stopped_before_its_first_checkpoint_resumes_from_its_pretrai
     finetune.main([*command[2:], "--resume", str(out)])
     assert f"loaded pretrained weights from {pretrained}" in capsys.readouterr().out
     assert len(log_lines(out)) == 1
+
+
+# ---- planted links: nothing outside the run folder is written ------------------------------------------------------
+
+def with_output(argv, out):
+    i = argv.index("--output-dir")
+    return [*argv[:i], "--output-dir", str(out), *argv[i + 2:]]
+
+
+def plant(out: Path, name: str, target: Path) -> None:
+    path = out / name
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    path.symlink_to(target)
+
+
+def snapshot(folder: Path):
+    """Every file under folder with its bytes: what an outside write would change."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+# (name planted in the run folder, what it links to): a file or a folder of someone else's.
+PLANTED = [("run.lock", "file"), (".log.txt.tmp", "file"), ("log.txt", "file"), ("checkpoints", "checkpoints"),
+           ("checkpoints/.tmp-epoch-0003", "folder"), (".model.safetensors.tmp", "file"),
+           ("checkpoints/last", "folder")]
+
+
+@pytest.mark.parametrize("name,kind", PLANTED)
+def test_a_planted_link_in_a_run_folder_is_refused_naming_it_and_nothing_outside_is_written(two_epoch_run, tmp_path,
+                                                                                          name, kind):
+    import shutil
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    shutil.copytree(two_epoch_run[0] / "checkpoints", elsewhere / "checkpoints", symlinks=True)
+    target = {"file": elsewhere / "notes.txt", "folder": elsewhere, "checkpoints": elsewhere / "checkpoints"}[kind]
+    before = snapshot(elsewhere)
+    plant(out, name, target)
+    with pytest.raises(ConfigError, match=f"{out / name} is a link to {target}"):
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    assert snapshot(elsewhere) == before
+    assert sorted(os.listdir(elsewhere / "checkpoints")) == sorted(os.listdir(two_epoch_run[0] / "checkpoints"))
+
+
+def test_a_run_folder_that_is_a_link_and_a_hard_linked_lock_are_refused(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    alias = tmp_path / "alias"
+    alias.symlink_to(out)
+    with pytest.raises(ConfigError, match=f"{alias} is a link to {out}.*--resume {out}"):
+        train.main(resume_argv(two_epoch_run[1], alias) + ["--epochs", "3"])
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    (out / "run.lock").unlink()
+    os.link(other, out / "run.lock")
+    with pytest.raises(ConfigError, match="run.lock is not a plain file of the run"):
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    assert other.read_text() == "mine" and len(log_lines(out)) == 2
+
+
+# ---- one timeline per run -------------------------------------------------------------------------------------------
+
+def test_rewinding_a_run_into_itself_is_refused_unless_asked_then_the_later_timeline_is_moved_aside(two_epoch_run,
+                                                                                                  tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    argv = [*resume_argv(two_epoch_run[1], out)[:-1], str(out / "checkpoints" / "epoch-0001")]
+    with pytest.raises(ConfigError, match=r"would rewind the run .* to epoch-0001.*epoch-0002.*logged epochs \(1\).*"
+                                          r"--rewind"):
+        train.main(argv)
+    assert len(log_lines(out)) == 2
+    train.main(argv + ["--rewind"])
+    aside = [p for p in out.iterdir() if p.name.startswith("rewound-")]
+    assert len(aside) == 1 and f"in {aside[0]}" in capsys.readouterr().out
+    assert os.listdir(aside[0] / "checkpoints") == ["epoch-0002"]
+    assert [line["epoch"] for line in log_lines(aside[0])] == [0, 1]
+    # the epoch trained again is the uninterrupted run's: one timeline, nothing mixed
+    assert record(out) == record(two_epoch_run[0])
+    assert same_weights(out / "model.safetensors", two_epoch_run[0] / "model.safetensors")
+
+
+def test_resume_follows_last_not_a_newer_checkpoint_of_another_timeline(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    stale = out / "checkpoints" / "epoch-0002"
+    weights = load_file(stale / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(stale / "model.safetensors"))
+    rewrite_manifest(stale)  # intact, but not this timeline's: `last` does not point to it
+    os.remove(out / "checkpoints" / "last")
+    os.symlink("epoch-0001", out / "checkpoints" / "last")
+    lines = (out / "log.txt").read_text().splitlines()
+    (out / "log.txt").write_text(lines[0] + "\n")
+    train.main(resume_argv(two_epoch_run[1], out))
+    assert "not using epoch-0002" in capsys.readouterr().out
+    assert same_weights(out / "model.safetensors", two_epoch_run[0] / "model.safetensors")
+    assert record(out) == record(two_epoch_run[0])
+
+
+def dataset_hook(monkeypatch, on_read):
+    """train.py's training set calls on_read(n) at its n-th image read."""
+    build = train.build_dataset
+
+    class Hooked(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset, self.reads = dataset, 0
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            on_read(self.reads)
+            return self.dataset[i]
+
+    def build_hooked(name, root, is_train, *args, **kwargs):
+        dataset, classes = build(name, root, is_train, *args, **kwargs)
+        return (Hooked(dataset) if is_train else dataset), classes
+
+    monkeypatch.setattr(train, "build_dataset", build_hooked)
+
+
+@pytest.mark.parametrize("then", ["deleted", "replaced by another run"])
+def test_a_run_whose_folder_is_deleted_while_it_trains_stops_with_one_message_and_writes_nothing(
+        tiny_imagefolder, tmp_path, monkeypatch, then):
+    import shutil
+
+    from tract.run_folder import RunFolderLost
+
+    out = tmp_path / "run"
+
+    def remove(n):
+        if n == 10:
+            shutil.rmtree(out)
+            if then != "deleted":  # what `--resume out` of a second run makes: the folder and its own lock
+                out.mkdir()
+                (out / "run.lock").write_text("{}")
+
+    dataset_hook(monkeypatch, remove)
+    with pytest.raises(RunFolderLost, match=f"{out} was deleted or replaced while this run was writing there"):
+        train.main(tiny_run(tiny_imagefolder, out))
+    if then == "deleted":
+        assert not out.exists()
+    else:
+        assert os.listdir(out) == ["run.lock"] and (out / "run.lock").read_text() == "{}"
+
+
+# ---- the log after a resume mid-epoch is the uninterrupted run's ----------------------------------------------------
+
+def tensorboard_scalars(out: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+# kill -9 in the first epoch after its update-2 checkpoint; SIGTERM at update 3 of the second (its first logged)
+@pytest.mark.parametrize("sig,n", [(signal.SIGKILL, 4), (signal.SIGTERM, 9)])
+def test_a_run_stopped_mid_epoch_then_resumed_logs_the_uninterrupted_runs_lines(killed_reference, tmp_path, sig, n):
+    reference, argv = killed_reference
+    out = tmp_path / "run"
+    argv = with_output(argv, out) + ["--checkpoint-interval-updates", "2"]  # a kill -9 resumes from update 2
+    script = KILLER.format(root=str(ROOT), owner="torch.optim.AdamW", name="step", n=n, sig=int(sig))
+    stopped = run_script(argv, script=script, check=False)  # the signal comes during the n-th optimizer step
+    assert stopped.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else EXIT_REQUEUE), stopped.stderr[-2000:]
+    run_script([*argv, "--resume", str(out)])
+    assert record(out) == record(reference)
+    assert tensorboard_scalars(out, "train/loss") == tensorboard_scalars(reference, "train/loss")
+    assert same_weights(out / "model.safetensors", reference / "model.safetensors")
+    assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
+
+
+# ---- every file read from a run folder is bounded: a checkpoint beyond the bounds fails verification ---------------
+
+def doctor_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def nested_manifest(folder):
+    (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def overflowing_size(folder):
+    text = (folder / "manifest.json").read_text()
+    entry = json.loads(text)["files"]["optimizer.bin"]
+    (folder / "manifest.json").write_text(text.replace(f'"bytes": {entry["bytes"]}', '"bytes": 1e999'))
+
+
+def long_file_name(folder):
+    doctor_manifest(folder, lambda m: m["files"].update({"x" * 5000: {"bytes": 1, "sha256": "0" * 64}}))
+
+
+def link_to_a_huge_sparse_file(folder):
+    huge = folder.parent.parent.parent / "sparse.bin"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 36)  # 64 GiB of nothing: hashing it would take minutes
+    (folder / "extra.bin").symlink_to(huge)
+    doctor_manifest(folder, lambda m: m["files"].update({"extra.bin": {"bytes": 1 << 36, "sha256": "0" * 64}}))
+
+
+def forged_state(**values):
+    def forge(folder):
+        state = json.loads((folder / "train_state.json").read_text())
+        state.update(values)
+        (folder / "train_state.json").write_text(json.dumps(state))
+        rewrite_manifest(folder)
+    return forge
+
+
+BEYOND_BOUNDS = {
+    "nested brackets": (nested_manifest, "manifest.json"),
+    "bytes 1e999": (overflowing_size, "manifest.json"),
+    "5000-character name": (long_file_name, "manifest.json"),
+    "link to a sparse file": (link_to_a_huge_sparse_file, "extra.bin is a link"),
+    "epoch 'x'": (forged_state(epoch="x"), "train_state.json.*epoch 'x' is not a count"),
+    "epoch -5": (forged_state(epoch=-5), "train_state.json.*epoch -5 is not a count"),
+    "epoch not the folder's": (forged_state(epoch=7, num_updates=99), "says epoch 7, .* name says epoch 2"),
+    "update beyond the name": (forged_state(update_in_epoch=50, num_updates=99), "says epoch 2, update 50"),
+    "best acc NaN": (forged_state(best_acc1=float("nan")), "train_state.json"),
+    "pending not numbers": (forged_state(pending={"train_loss": "x"}), "pending"),
+}
+
+
+@pytest.mark.parametrize("case", list(BEYOND_BOUNDS))
+def test_a_newest_checkpoint_beyond_the_bounds_fails_verification_and_the_previous_one_is_used(two_epoch_run, tmp_path,
+                                                                                              case):
+    import time
+
+    doctor, reason = BEYOND_BOUNDS[case]
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    doctor(out / "checkpoints" / "epoch-0002")
+    notes = []
+    start = time.monotonic()
+    checkpoint, _ = resolve_resume(str(out), log=notes.append)
+    assert checkpoint == (out / "checkpoints" / "epoch-0001").resolve()
+    assert len(notes) == 1 and re.search(reason, notes[0]), notes
+    assert time.monotonic() - start < 5  # measured: under 0.1 s each
+
+
+@pytest.mark.parametrize("name,values", [("epoch-0099", {"epoch": 99, "num_updates": 600}),
+                                         ("epoch-0001-update-000050", {"epoch": 1, "update_in_epoch": 50,
+                                                                       "num_updates": 56})])
+def test_a_consistent_forged_position_beyond_the_run_is_one_message(two_epoch_run, tmp_path, name, values):
+    import shutil
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    forged = out / "checkpoints" / name
+    shutil.copytree(out / "checkpoints" / "epoch-0002", forged)
+    forged_state(**values)(forged)
+    os.remove(out / "checkpoints" / "last")
+    os.symlink(name, out / "checkpoints" / "last")
+    with pytest.raises(ConfigError, match=f"{name} is at update .* beyond this run's 2 epochs of 6 updates"):
+        train.main(resume_argv(two_epoch_run[1], out))
+    assert len(log_lines(out)) == 2
+
+
+# ---- hostile YAML, images, disks: one message each ------------------------------------------------------------------
+
+YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # 9 ** 6 values once expanded, in 256 bytes
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcde", "bcdef")) + "lr: *f\n"
+BAD_YAML = {"alias bomb": (YAML_BOMB, "expands to more than"),
+            "python tag": ("lr: !!python/object/apply:os.system ['echo ran']\n", "is not plain YAML"),
+            "syntax error": ("lr: [1, 2\nepochs: 3\n", "is not plain YAML")}
+
+
+@pytest.mark.parametrize("case", list(BAD_YAML))
+def test_a_hostile_or_broken_args_yaml_is_one_message_naming_it(two_epoch_run, tmp_path, case):
+    import finetune
+
+    text, message = BAD_YAML[case]
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    (out / "args.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=f"{out / 'args.yaml'} {message}.*--resume {out}"):
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    with pytest.raises(ConfigError, match=f"{out / 'args.yaml'} {message}.*--finetune .*model.safetensors"):
+        finetune.main(["--finetune", str(out), "--dry-run"])
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=f"{config} {message}") as e:
+        train.main(["-c", str(config), "--dry-run"])
+    assert len(str(e.value)) < 1000
+
+
+def test_a_decompression_bomb_image_is_one_message_naming_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tract.data import read_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: beyond twice the limit, as 20000 x 20000 is
+    with pytest.raises(DatasetError, match=f"cannot read image {path}: .*decompression bomb.*smaller image or delete"):
+        read_image(str(path))
+
+
+def test_an_empty_class_folder_is_named_with_the_fix(tiny_imagefolder, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    for image in (data / "train" / "class_1").iterdir():
+        image.unlink()
+    empty = data / "train" / "class_1"
+    with pytest.raises(DatasetError, match=f"(?s)class folder {empty} holds no images.*add images to it, or remove"):
+        train.main(tiny_run(data, tmp_path / "run"))
+
+
+FSIZE = """
+import resource, signal, sys
+sys.path.insert(0, {root!r})
+import train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+train.cli(sys.argv[1:])
+"""
+
+
+# per-file size limits that make the first failing write: args.yaml (start-up), a checkpoint's model.safetensors
+# (mid-save, in safetensors); torch's way of failing is test_torchs_unexpected_pos_is_told_as_a_full_disk
+@pytest.mark.parametrize("limit,what", [(500, "args.yaml"), (5000, "checkpoint epoch-0001")])
+def test_a_full_disk_at_any_write_is_one_message_leaves_no_partial_file_and_the_run_then_finishes(
+        killed_reference, tmp_path, limit, what):
+    reference, argv = killed_reference
+    out = tmp_path / "run"
+    argv = with_output(argv, out)
+    full = run_script(argv, script=FSIZE.format(root=str(ROOT), limit=limit), check=False)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert re.fullmatch(f"train.py: error: cannot write .*{what}.* then rerun the command.*\n", full.stderr)
+    left = [p for p in out.rglob("*") if ".tmp" in p.name] if out.exists() else []
+    assert left == [] and (not (out / "args.yaml").exists() or yaml.safe_load((out / "args.yaml").read_text()))
+    again = argv + (["--resume", str(out)] if "with --resume" in full.stderr else [])
+    run_script(again)
+    assert record(out) == record(reference)
+
+
+def fail_writes_to(monkeypatch, suffix: str) -> None:
+    """A full disk for one file: fsync of a file whose name ends with suffix fails with ENOSPC."""
+    fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def test_a_full_disk_before_the_log_line_is_one_message_and_the_resume_logs_the_epoch(two_epoch_run, tmp_path,
+                                                                                    monkeypatch):
+    out = tmp_path / "run"
+    argv = with_output(two_epoch_run[1], out)
+    fail_writes_to(monkeypatch, "/log.txt")
+    with pytest.raises(ConfigError, match=f"cannot write {out / 'log.txt'}: No space left on device.*--resume {out}"):
+        train.main(argv)
+    assert (out / "log.txt").read_text() == ""
+    monkeypatch.undo()
+    train.main([*argv, "--resume", str(out)])
+    assert record(out) == record(two_epoch_run[0])
+
+
+def test_a_full_disk_before_the_final_export_is_one_message_and_leaves_no_partial_file(two_epoch_run, tmp_path,
+                                                                                     monkeypatch):
+    import safetensors.torch
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    (out / "model.safetensors").unlink()
+    save = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if filename.endswith("model.safetensors.tmp") and "checkpoints" not in filename:
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ConfigError, match=f"cannot write {out / 'model.safetensors'}: No space left.*--resume {out}"):
+        train.main(resume_argv(two_epoch_run[1], out))
+    assert not (out / "model.safetensors").exists() and not (out / ".model.safetensors.tmp").exists()
+    monkeypatch.undo()
+    train.main(resume_argv(two_epoch_run[1], out))
+    assert same_weights(out / "model.safetensors", two_epoch_run[0] / "model.safetensors")
+
+
+def test_torchs_unexpected_pos_is_told_as_a_full_disk(two_epoch_run, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+
+    def torn(self, path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 110784 vs 110676")
+
+    monkeypatch.setattr(Accelerator, "save_state", torn)
+    with pytest.raises(CheckpointError, match=r"epoch-0003 in .*: No space left on device \(disk full\)"):
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+# ---- a kill at any point of the start-up leaves a folder that the message's command continues -----------------------
+
+@pytest.mark.parametrize("owner,name", [("tract.config", "save_args"), ("train", "build_dataset")])
+def test_a_kill_during_start_up_leaves_a_folder_the_told_command_continues(killed_reference, tmp_path, owner, name):
+    reference, argv = killed_reference
+    out = tmp_path / "run"
+    argv = with_output(argv, out)
+    script = KILLER.format(root=str(ROOT), owner=owner, name=name, n=1, sig=int(signal.SIGKILL))
+    killed = run_script(argv, script=script, check=False)
+    assert killed.returncode == -signal.SIGKILL and out.is_dir()
+    if name == "save_args":  # killed between run.lock and args.yaml: --resume starts it from the beginning
+        run_script([*argv, "--resume", str(out)])
+    else:  # args.yaml written: the original command names the command that continues, which does
+        again = run_script(argv, check=False)
+        assert again.returncode == 1 and f"already holds a run: pass --resume {out}" in again.stderr
+        run_script([*argv, "--resume", str(out)])
+    assert record(out) == record(reference)

@@ -16,10 +16,14 @@ never trusted.
 Loading never runs code, whatever a file holds or is named: only the files the manifest names are read, safetensors
 and JSON as such and the rest with ``torch.load(weights_only=True)`` (numpy's RNG arrays are the only extra types
 allowed). Accelerate's own ``load_state`` is not used because it unpickles registered objects with
-``weights_only=False``.
+``weights_only=False``. Verification is bounded (tract/safe_files.py): the manifest and train state are read as
+small JSON of finite numbers, every listed file must be a regular file (not a link) of the listed size, and the train
+state must be one a run writes at the position the folder's name says.
+
+``--resume RUN`` follows ``last``: a checkpoint newer than it (written just before a kill) is not resumed from.
 """
-import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -30,19 +34,32 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from tract.config import ConfigError
+from tract.safe_files import (UnsafeFileError, disk_problem, read_json, refuse_link, remove_entry, sha256_file,
+                              write_failed, write_new)
 
-__all__ = ["CheckpointError", "TrainState", "checkpoint_name", "save_checkpoint", "verify_checkpoint",
-           "resolve_resume", "load_checkpoint", "repair_links", "settle_resume", "export_weights", "export_timm_config",
-           "parameters_finite", "MANIFEST"]
+__all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
+           "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "load_checkpoint", "repair_links",
+           "settle_resume", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
-_NAME = re.compile(r"^epoch-\d{4,}(-update-\d{6,})?$")
-_HASH_CHUNK = 1 << 22
+_NAME = re.compile(r"^epoch-(\d{4,9})(?:-update-(\d{6,9}))?$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # what save_state and train.py name their files
+MAX_FILES = 1024  # in one checkpoint: a few per process
+MAX_FILE_BYTES = 1 << 40  # one checkpoint file (a ViT-g optimizer state is tens of GB)
+_COUNT = 1 << 53  # counts (epochs, updates, images) beyond this are not ones a run reached
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be written or used: the message names the folder or file and what to do."""
+
+
+def _is_count(value: Any, low: int = 0) -> bool:
+    return type(value) is int and low <= value < _COUNT
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 @dataclass
@@ -50,7 +67,9 @@ class TrainState:
     """Where training stands: ``epoch`` full epochs done plus ``update_in_epoch`` updates into the next one.
 
     ``pending`` holds the training stats of epoch ``epoch - 1`` until its evaluation is logged, so a run killed
-    between its epoch checkpoint and its log line evaluates and logs that epoch when resumed.
+    between its epoch checkpoint and its log line evaluates and logs that epoch when resumed. ``partial`` holds the
+    statistics of the epoch in progress at a mid-epoch checkpoint (per process: loss sum, micro-batches, images; and
+    the seconds trained), so a resumed epoch's log line is the uninterrupted one's.
     """
 
     epoch: int = 0
@@ -59,19 +78,73 @@ class TrainState:
     best_acc1: float = -1.0
     best_epoch: int = -1
     pending: Dict[str, float] = field(default_factory=dict)
+    partial: Dict[str, Any] = field(default_factory=dict)
+    # Not saved: set by train_one_epoch while an epoch runs, () -> (loss sum tensor, micro-batches, images, seconds).
+    live = None
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain values (JSON)."""
         return asdict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; unknown keys are refused."""
+        """Restore from :meth:`state_dict`; unknown keys and values train.py cannot have written are refused."""
+        if not isinstance(state, dict):
+            raise ValueError("not a mapping")
         known = {f.name for f in fields(self)}
         unknown = set(state) - known
         if unknown:
-            raise ValueError(f"unknown train-state keys {sorted(unknown)}")
+            raise ValueError(f"unknown train-state keys {sorted(unknown)[:5]}")
+        loaded = TrainState(**{f.name: getattr(TrainState(), f.name) for f in fields(self)})
         for key, value in state.items():
-            setattr(self, key, value)
+            setattr(loaded, key, value)
+        loaded.check()
+        for key in known:
+            setattr(self, key, getattr(loaded, key))
+
+    def check(self) -> None:
+        """Raise ValueError naming the first value that no run can have written (a forged or damaged train state)."""
+        for key in ("epoch", "update_in_epoch", "num_updates"):
+            if not _is_count(getattr(self, key)):
+                raise ValueError(f"{key} {getattr(self, key)!r} is not a count")
+        if self.num_updates < self.epoch + self.update_in_epoch:
+            raise ValueError(f"num_updates {self.num_updates} is fewer than the {self.epoch} epoch(s) and "
+                             f"{self.update_in_epoch} update(s) done")
+        if not (_is_count(self.best_epoch, -1) and self.best_epoch < max(self.epoch, 0)):
+            raise ValueError(f"best_epoch {self.best_epoch!r} is not an epoch done (of {self.epoch})")
+        if not (_is_number(self.best_acc1) and -1 <= self.best_acc1 <= 100):
+            raise ValueError(f"best_acc1 {self.best_acc1!r} is not an accuracy in %")
+        if not isinstance(self.pending, dict) or (self.pending and self.epoch == 0) or not all(
+                isinstance(k, str) and len(k) <= 64 and _is_number(v) for k, v in self.pending.items()):
+            raise ValueError("pending is not the finite statistics of a finished epoch")
+        if self.partial:
+            self._check_partial()
+
+    def _check_partial(self) -> None:
+        partial = self.partial
+        keys = {"loss_sum", "micro_batches", "images", "elapsed"}
+        if not isinstance(partial, dict) or set(partial) != keys or not self.update_in_epoch:
+            raise ValueError("partial is not the statistics of an epoch in progress")
+        sums, batches, images = partial["loss_sum"], partial["micro_batches"], partial["images"]
+        if not (isinstance(sums, list) and isinstance(batches, list) and isinstance(images, list) and
+                0 < len(sums) == len(batches) == len(images) <= 1 << 16 and all(map(_is_number, sums)) and
+                all(map(_is_count, batches)) and all(map(_is_count, images)) and _is_number(partial["elapsed"]) and
+                partial["elapsed"] >= 0):
+            raise ValueError("partial is not the statistics of an epoch in progress")
+
+    def carried(self, process: int, processes: int) -> Dict[str, Any]:
+        """This process's statistics of the epoch in progress, as saved (zeros at an epoch's start, or when the
+        checkpoint was written by another number of processes)."""
+        partial = self.partial
+        if not (self.update_in_epoch and partial and len(partial["loss_sum"]) == processes):
+            return {"loss_sum": 0.0, "micro_batches": 0, "images": 0, "elapsed": 0.0}
+        return {"loss_sum": partial["loss_sum"][process], "micro_batches": partial["micro_batches"][process],
+                "images": partial["images"][process], "elapsed": partial["elapsed"]}
+
+
+def name_position(name: str) -> Optional[Tuple[int, int]]:
+    """(epoch, update_in_epoch) a checkpoint folder's name says, or None for a name train.py does not write."""
+    match = _NAME.match(name)
+    return (int(match[1]), int(match[2] or 0)) if match else None
 
 
 def checkpoint_name(state: TrainState) -> str:
@@ -91,34 +164,38 @@ def parameters_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all().item()) if flags else True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    with path.open("w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(path, json.dumps(obj, indent=1).encode())
 
 
-def _relink(root: Path, link: str, target: str) -> None:
+def relink(root: Path, link: str, target: str) -> None:
+    """Point ``root/link`` at ``target`` atomically (a fresh link renamed over the old one)."""
     tmp = root / f".{link}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    remove_entry(tmp)
     os.symlink(target, tmp)
-    os.replace(tmp, root / link)
+    os.replace(tmp, root / link)  # replaces the link itself, whatever it pointed to
 
 
-def _checkpoints(root: Path) -> List[str]:
-    """Checkpoint folder names under root, oldest first."""
+def checkpoint_names(root: Path) -> List[str]:
+    """Checkpoint folder names under root, oldest first (links are not checkpoints)."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and _NAME.match(p.name))
+    return sorted((p.name for p in root.iterdir() if _NAME.match(p.name) and p.is_dir() and not p.is_symlink()),
+                  key=name_position)
+
+
+def link_target(root: Path, link: str) -> Optional[str]:
+    """The checkpoint ``root/link`` (``last`` or ``best``) points to, None if there is no such link; a link that is
+    not the project's own (a checkpoint folder beside it) is refused with one message naming it."""
+    path = Path(root) / link
+    if not os.path.lexists(path):
+        return None
+    target = os.readlink(path) if path.is_symlink() else None
+    if target is None or not _NAME.match(target):
+        what = f"a link to {target}" if target is not None else "not a link"
+        raise UnsafeFileError(f"{path} is {what}, not train.py's link to a checkpoint beside it: delete it, then "
+                              f"rerun the command with --resume {Path(root).parent}")
+    return target
 
 
 def repair_links(root: Path, state: TrainState) -> None:
@@ -126,7 +203,7 @@ def repair_links(root: Path, state: TrainState) -> None:
     name = best_name(state)
     link = Path(root) / "best"
     if name and (Path(root) / name).is_dir() and not (link.is_symlink() and os.readlink(link) == name):
-        _relink(Path(root), "best", name)
+        relink(Path(root), "best", name)
 
 
 def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
@@ -149,23 +226,24 @@ def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
 def _prune(root: Path, keep: int, state: TrainState) -> None:
     protected = {os.readlink(root / link) for link in ("last", "best") if (root / link).is_symlink()}
     protected.add(best_name(state))
-    names = _checkpoints(root)
+    names = checkpoint_names(root)
     for name in names[:-keep] if keep > 0 else names:
         if name not in protected:
             shutil.rmtree(root / name, ignore_errors=True)
 
 
-def _disk_problem(folder: Path, error: BaseException) -> str:
-    """What went wrong writing into folder, with the free space of its disk."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = f"{shutil.disk_usage(probe).free / 2**30:.2f} GiB free on that disk"
-    except OSError:
-        free = "free space unknown"
-    reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else str(error).splitlines()[0]
-    return f"{reason} ({free})"
+def _gather_partial(accelerator, state: TrainState) -> Dict[str, Any]:
+    """The statistics of the epoch in progress on every process (a collective: all processes call it), for the
+    checkpoint; {} at an epoch's end."""
+    if not state.update_in_epoch or state.live is None:
+        return {}
+    loss_sum, micro_batches, images, elapsed = state.live()
+    mine = torch.stack([loss_sum.detach().reshape(()).double(),
+                        torch.tensor(float(micro_batches), dtype=torch.float64, device=loss_sum.device),
+                        torch.tensor(float(images), dtype=torch.float64, device=loss_sum.device)])
+    every = accelerator.gather(mine.reshape(1, 3)).reshape(-1, 3).tolist()
+    return {"loss_sum": [row[0] for row in every], "micro_batches": [int(row[1]) for row in every],
+            "images": [int(row[2]) for row in every], "elapsed": float(elapsed)}
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.nn.Module, ema=None,
@@ -173,8 +251,12 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     """Save the training state (all processes call this) as ``root/<name>``; point ``last`` (and ``best``) at it.
 
     Parameters that are not finite are never written: FloatingPointError, the previous checkpoint untouched. A disk
-    that is full or read-only is one CheckpointError naming the folder and the free space.
+    that is full or read-only is one CheckpointError naming the folder and the free space, and no ``.tmp-*`` folder
+    is left. Nothing is written through a link: ``root`` must be a real folder of the run, which this process must
+    still hold (a run folder deleted or replaced under a running run stops it).
     """
+    from tract.run_folder import check_still_held, on_main
+
     root = Path(root)
     name = checkpoint_name(state)
     final, tmp = root / name, root / f".tmp-{name}"
@@ -184,10 +266,19 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         raise FloatingPointError(f"the parameters are not finite at update {state.num_updates}: training diverged "
                                  f"and nothing was saved; {good} (continue with --resume {root.parent} "
                                  "--resume-override and a lower --lr)")
+
+    state.partial = _gather_partial(accelerator, state)
+
+    def may_write() -> None:
+        check_still_held(root.parent)
+        refuse_link(root, f"Delete the link, then rerun the command with --resume {root.parent}")
+
+    on_main(accelerator, may_write)  # refused on the main process: every process stops
     try:
         if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(exist_ok=True)  # not parents: a run folder that vanished is not made again
+            remove_entry(tmp)
+            tmp.mkdir()
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
@@ -198,83 +289,123 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
                 export_weights(plain_state_dict(ema), tmp / "ema.safetensors")
         accelerator.wait_for_everyone()  # every process has written its RNG state before the manifest is made
         if accelerator.is_main_process:
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {}
+            for p in sorted(tmp.iterdir()):
+                if p.is_file():
+                    size = p.stat().st_size
+                    files[p.name] = {"bytes": size, "sha256": sha256_file(p, size)}
             _write_json(tmp / MANIFEST, {"format": _FORMAT, "world_size": accelerator.num_processes, "files": files})
-            if final.exists():  # the same point saved again (e.g. preempted twice at one update): replace it
-                shutil.rmtree(final)
+            remove_entry(final)  # the same point saved again (e.g. preempted twice at one update): replaced
             os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+    except Exception as e:  # a full disk: OSError, torch's RuntimeError("... unexpected pos ..."), SafetensorError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            check_still_held(root.parent)  # the folder deleted during the save: that is the message
         last = root / "last"
         kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
-        raise CheckpointError(f"cannot write checkpoint {name} in {root}: {_disk_problem(root, e)}; {kept}. Free "
+        raise CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, e)}; {kept}. Free "
                               f"space (or fix the permissions), then rerun the command with --resume {root.parent}"
                               ) from None
     if accelerator.is_main_process:
-        _relink(root, "last", name)
+        relink(root, "last", name)
         if is_best:
-            _relink(root, "best", name)
+            relink(root, "best", name)
         _prune(root, keep, state)
     accelerator.wait_for_everyone()
     return final
 
 
+def _check_manifest(manifest: Any) -> Dict[str, Dict[str, Any]]:
+    """The manifest's file entries, or ValueError if it is not one train.py writes."""
+    if not isinstance(manifest, dict):
+        raise ValueError
+    files, world = manifest.get("files"), manifest.get("world_size", 1)
+    if manifest.get("format") != _FORMAT or not isinstance(files, dict) or not 0 < len(files) <= MAX_FILES or not (
+            _is_count(world, 1) and world <= 1 << 16):
+        raise ValueError
+    for file_name, entry in files.items():
+        if not (_FILE_NAME.match(file_name) and isinstance(entry, dict) and _is_count(entry.get("bytes")) and
+                entry["bytes"] <= MAX_FILE_BYTES and isinstance(entry.get("sha256"), str) and
+                re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise ValueError
+    return files
+
+
 def verify_checkpoint(folder: Path) -> Optional[str]:
-    """None if the folder's files match its manifest, else what is wrong (one line, naming the file)."""
+    """None if the folder's files match its manifest and its train state is one a run writes at the position its
+    name says, else what is wrong (one line, naming the file). Every file is bounded before it is parsed or hashed:
+    regular files only (no links), sizes as the manifest says and within MAX_FILE_BYTES."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         return f"{folder}: no {MANIFEST} (the checkpoint was not completely written)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != _FORMAT or not isinstance(files, dict):
-            raise ValueError
-        for name, entry in files.items():
-            if "/" in name or name.startswith("."):
-                raise ValueError
-            int(entry["bytes"]), str(entry["sha256"])
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        files = _check_manifest(read_json(manifest_path))
+    except UnsafeFileError as e:
+        return f"{e} (not the manifest train.py writes)"
+    except (ValueError, TypeError, AttributeError):
         return f"{manifest_path}: damaged (not the manifest train.py writes)"
     required = {"model.safetensors", "optimizer.bin", "train_state.json"}
     missing = sorted(required - set(files))
     if missing:
         return f"{manifest_path}: lists no {', '.join(missing)}"
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
+    for file_name, entry in files.items():
+        path = folder / file_name
+        if not os.path.lexists(path):
             return f"{path}: missing"
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            return f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
-        if _sha256(path) != entry["sha256"]:
-            return f"{path}: content differs from the manifest's SHA-256 (damaged or replaced)"
+        try:
+            if sha256_file(path, entry["bytes"]) != entry["sha256"]:
+                return f"{path}: content differs from the manifest's SHA-256 (damaged or replaced)"
+        except UnsafeFileError as e:
+            return str(e)
+    try:
+        state = TrainState()
+        state.load_state_dict(read_json(folder / "train_state.json"))
+    except (UnsafeFileError, ValueError, TypeError) as e:
+        return f"{folder / 'train_state.json'}: not a train state train.py writes ({e})"
+    position = name_position(folder.name)
+    if position is not None and position != (state.epoch, state.update_in_epoch):
+        return (f"{folder / 'train_state.json'}: says epoch {state.epoch}, update {state.update_in_epoch}, where the "
+                f"folder's name says epoch {position[0]}, update {position[1]}")
     return None
 
 
 def _manifest(folder: Path) -> Dict[str, Any]:
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    return read_json(Path(folder) / MANIFEST)
 
 
 def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Optional[Path], Optional[Path]]:
     """Turn ``--resume PATH`` into (verified checkpoint folder or None, run folder or None).
 
-    PATH is a run folder (its newest checkpoint that verifies is used; each one skipped is told with the reason),
-    its ``checkpoints/`` folder, or one checkpoint folder (which must verify). A run folder that has no checkpoint
-    yet (stopped before its first) gives ``(None, run)``: the run starts again from the beginning.
+    PATH is a run folder (the checkpoint ``last`` points to, else the newest; if it does not verify, the newest older
+    one that does, each one skipped told with the reason), its ``checkpoints/`` folder, or one checkpoint folder
+    (which must verify). Checkpoints newer than ``last`` (a kill between writing one and pointing ``last`` at it) are
+    not used: training writes them again. A run folder that has no checkpoint yet (stopped before its first,
+    however early) gives ``(None, run)``: the run starts again from the beginning.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"--resume {path}: no such file or folder; pass a train.py run folder or a checkpoint "
                           "folder inside its checkpoints/")
-    if p.is_dir() and (p.name == "checkpoints" or (p / "checkpoints").is_dir() or (p / "args.yaml").is_file()):
+    from tract.run_folder import LOCK_NAME
+
+    if p.is_dir() and (p.name == "checkpoints" or any(os.path.lexists(p / n) for n in ("checkpoints", "args.yaml",
+                                                                                        LOCK_NAME))):
         run = p.parent if p.name == "checkpoints" else p
+        refuse_link(run, f"Pass the real folder: --resume {os.path.realpath(run)}")
         root = run / "checkpoints"
-        names = _checkpoints(root)
+        refuse_link(root, f"A run's checkpoints/ must be its own folder: resume the run it belongs to, or delete the "
+                          f"link and rerun the command with --resume {run}")
+        names = checkpoint_names(root)
         if not names:
             return None, run.resolve()
+        last = link_target(root, "last")
+        if last in names:
+            newer = [n for n in names if name_position(n) > name_position(last)]
+            if newer:
+                log(f"note: not using {', '.join(newer)} in {root}: newer than `last` (written just before a kill); "
+                    "training writes them again")
+            names = [n for n in names if name_position(n) <= name_position(last)]
         problems = []
         for name in reversed(names):
             problem = verify_checkpoint(root / name)
@@ -343,7 +474,7 @@ def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimi
             log(f"note: {folder} has no EMA weights; the EMA starts again from the current weights")
             ema.module.load_state_dict(accelerator.unwrap_model(model).state_dict())
     try:
-        state.load_state_dict(json.loads((folder / "train_state.json").read_text()))
+        state.load_state_dict(read_json(folder / "train_state.json"))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder / 'train_state.json'} is not a train state ({e})") from None
 
@@ -365,16 +496,23 @@ def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimi
 
 
 def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    """Write a plain state_dict as safetensors, atomically (temp file, then rename)."""
+    """Write a plain state_dict as safetensors, atomically (a fresh temp file, then rename); a failed write (a full
+    disk) leaves no partial file and is one CheckpointError naming the file."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state_dict, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
-    os.replace(tmp, path)
+    remove_entry(tmp)  # a leftover, or a planted link: safetensors would write through it
+    try:
+        save_file(state_dict, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise write_failed(path, e, path.parent) from None
 
 
 def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
@@ -388,7 +526,13 @@ def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str,
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
-                                                      "label_names": list(label_names)},
-                       data_config=data_config)
-    os.replace(tmp, path)
+    remove_entry(tmp)  # a leftover, or a planted link: timm opens the file by name
+    try:
+        save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
+                                                          "label_names": list(label_names)},
+                           data_config=data_config)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise write_failed(path, e, path.parent) from None

@@ -38,7 +38,7 @@ RESUME_FREE = ("output_dir", "epochs", "num_workers", "pin_mem", "prefetcher", "
                "checkpoint_interval_updates", "dist_timeout", "download", "torchcompile", "torchcompile_mode",
                "channels_last", "tf32", "cudnn_benchmark", "model_ema_eval")
 # Flags that steer this invocation only: never written to args.yaml, never taken from it.
-RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "eval", "dry_run")
+RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind", "eval", "dry_run")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
 
 
@@ -256,9 +256,13 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="run folder; None = output/train/<time>-<model>-<size>")
-    g.add_argument("--resume", default=None, metavar="PATH", help="a run folder (newest checkpoint) or a checkpoint")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="a run folder (the checkpoint its `last` points to) or a checkpoint")
     g.add_argument("--resume-override", action=bool_flag, default=False,
                    help="let --resume change options that change what the run computes (lr, model, TrAct, data, ...)")
+    g.add_argument("--rewind", action=bool_flag, default=False,
+                   help="with --resume of an earlier checkpoint of the same run: move its later checkpoints and log "
+                        "aside (into OUTPUT/rewound-<time>/) and continue from that checkpoint")
     g.add_argument("--resume-inexact", action=bool_flag, default=False,
                    help="resume even without the random state that makes the run exact (another number of processes)")
     g.add_argument("--eval", action=bool_flag, default=False, help="only evaluate (--resume or --finetune weights)")
@@ -303,13 +307,12 @@ def _dests(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
 
 def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
     """Read a YAML config and check it against the parser: unknown keys and bad values are ConfigErrors."""
+    from tract.safe_files import read_yaml
+
     parser = parser or get_args_parser()
-    try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    # bounded (size, nesting, YAML aliases expanded): a config, or a run's args.yaml, cannot exhaust memory
+    fix = "fix or replace the file (python train.py --help lists the keys)"
+    cfg = read_yaml(Path(path), follow=True, fix=fix) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a mapping of argument names to values")
     actions = _dests(parser)
@@ -567,5 +570,7 @@ def inactive_tract_options(args: argparse.Namespace) -> Optional[str]:
 
 def save_args(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
+    from tract.safe_files import write_atomic
+
     values = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+    write_atomic(Path(path), yaml.safe_dump(values, sort_keys=False).encode())  # never a partial or 0-byte file

@@ -97,6 +97,9 @@ def read_image(path: str):
             image = Image.open(f)
             image.load()
             return image.convert("RGB") if image.mode not in ("RGB", "L") else image
+    except Image.DecompressionBombError as e:  # PIL refuses more than twice Image.MAX_IMAGE_PIXELS before decoding
+        raise DatasetError(f"cannot read image {path}: {e}: replace the file with a smaller image or delete it "
+                           "(PIL's limit, Image.MAX_IMAGE_PIXELS, guards against decompression bombs)") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated, empty and foreign files
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}): replace or delete the file") from None
 
@@ -121,6 +124,13 @@ def _fetch_fix(name: str, root, subfolder: Optional[str] = None) -> str:
 
 def _class_folders(split_dir: Path) -> List[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _holds_image(folder: Path) -> bool:
+    """Whether a class folder holds at least one file ImageFolder reads (by its extension, anywhere below)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(folder, followlinks=True) for f in files)
 
 
 def _fmnist_files(root: Path, train: bool) -> Optional[Tuple[Path, Path]]:
@@ -311,6 +321,12 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
     except DatasetError:
         raise
     except (RuntimeError, OSError) as e:
+        if name in ("IMNET", "FOLDER") and "Found no valid file" in str(e):  # ImageFolder: a class without images
+            split = path / ("train" if train else "val")
+            empty = [str(split / c) for c in _class_folders(split) if not _holds_image(split / c)]
+            raise _fail(name, root, f"class folder {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} holds "
+                        f"no images ({', '.join(datasets.folder.IMG_EXTENSIONS)})",
+                        "add images to it, or remove that class folder from both train/ and val/") from None
         # The layout check passed, so torchvision refused the files' contents (checksum) or a download failed.
         fix = ("delete the damaged files and fetch them again" + (" with --download" if name in _DOWNLOADABLE else ""))
         raise _fail(name, root, f"torchvision could not read it ({type(e).__name__}: {e})", fix) from e

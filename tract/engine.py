@@ -402,12 +402,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
     unwrapped = accelerator.unwrap_model(model)
     scheduler.step(state.epoch)  # per-epoch schedules: lr(epoch); per-update ones ignore this call
     scheduler.step_update(state.num_updates)  # per-update schedules: lr(update); per-epoch ones ignore it
-    loss_sum = torch.zeros((), device=device)
-    micro_batches, images, preempted, lr = 0, 0, False, optimizer.param_groups[0]["lr"]
+    # A resumed epoch goes on from the statistics its checkpoint carried: its log line is the uninterrupted one's.
+    carried = state.carried(accelerator.process_index, accelerator.num_processes)
+    loss_sum = torch.tensor(carried["loss_sum"], dtype=torch.float32, device=device)
+    micro_batches, images, preempted = carried["micro_batches"], carried["images"], False
+    lr = optimizer.param_groups[0]["lr"]
     step_loss, step_micro, rows = torch.zeros((), device=device), 0, []  # this update's loss; updates not yet logged
     shown = Progress(state, updates_per_epoch, epochs or state.epoch + 1,
                      enabled=progress and accelerator.is_main_process, log_interval=log_interval)
-    start = time.perf_counter()
+    start = time.perf_counter() - carried["elapsed"]
+    state.live = lambda: (loss_sum, micro_batches, images, time.perf_counter() - start)  # what a checkpoint saves
     for samples, targets in loader:
         if state.update_in_epoch >= updates_per_epoch:
             break
@@ -456,7 +460,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
                                          "(lower --lr, or check the data)")
             _log_rows(rows, read[1:], log_updates)
             rows = []
-            shown.show(state.update_in_epoch, mean_loss, lr, images * accelerator.num_processes)
+            shown.show(state.update_in_epoch, mean_loss, lr, (images - carried["images"]) * accelerator.num_processes)
         if state.update_in_epoch < updates_per_epoch and should_stop is not None and should_stop():
             preempted = True
             break
@@ -469,9 +473,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
 
     elapsed = time.perf_counter() - start
     count = torch.tensor([float(micro_batches)], device=device)
-    loss_sum = accelerator.reduce(loss_sum.reshape(1), reduction="sum")
-    count = accelerator.reduce(count, reduction="sum")
-    return {"train_loss": (loss_sum / count.clamp(min=1)).item() if count.item() else float("nan"),
+    total = accelerator.reduce(loss_sum.reshape(1), reduction="sum")  # loss_sum stays this process's: a checkpoint
+    count = accelerator.reduce(count, reduction="sum")  # written after a preemption saves it
+    return {"train_loss": (total / count.clamp(min=1)).item() if count.item() else float("nan"),
             "train_lr": lr,
             "images_per_sec": images * accelerator.num_processes / max(elapsed, 1e-9),
             "epoch_time": elapsed,

@@ -5,13 +5,21 @@ A resumed run continues the record from its checkpoint: lines of the epochs the 
 (a torn last line too), ``summary.csv`` is rewritten from the lines kept, and TensorBoard's events past the
 checkpoint's update are purged, so the record and the checkpoint agree whatever point a kill came at.
 """
+import csv
+import io
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["RunLog", "read_log", "run_summary"]
+from tract.safe_files import append_text, read_bytes, write_atomic, write_failed
+
+__all__ = ["RunLog", "read_log", "run_summary", "MAX_LOG_BYTES"]
+
+MAX_LOG_BYTES = 1 << 26  # a line per epoch: a few hundred KB for the longest recipes
+# summary.csv's columns: timm.utils.update_summary's, as timm's train.py writes them
+SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
 
 def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float, optimizer, criterion,
@@ -65,10 +73,11 @@ def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float,
 
 
 def read_log(path: Path) -> List[Dict]:
-    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out)."""
+    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out); a log that is a link or
+    beyond MAX_LOG_BYTES is refused."""
     records = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
+    if os.path.lexists(path):
+        for line in read_bytes(Path(path), MAX_LOG_BYTES).decode(errors="replace").splitlines():
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -103,17 +112,15 @@ class RunLog:
 
             self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] <= resume_epoch]
             if resume_epoch is not None:
-                tmp = self.path.with_name(".log.txt.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-                os.replace(tmp, self.path)
-                tmp = self.summary.with_name(f".{self.SUMMARY}.tmp")
-                tmp.unlink(missing_ok=True)
-                for record in self.records:
-                    _summary_row(record, tmp)
-                if tmp.exists():
-                    os.replace(tmp, self.summary)
-                else:
-                    self.summary.unlink(missing_ok=True)
+                # Rewritten whole, never through a link planted in the folder (safe_files).
+                try:
+                    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+                    if self.records:
+                        write_atomic(self.summary, _summary_lines(self.records, header=True).encode())
+                    else:
+                        self.summary.unlink(missing_ok=True)
+                except OSError as e:
+                    raise write_failed(self.path, e, self.path.parent) from None
             resume_step = resume_step if resume_epoch is not None else None
             self.writer = SummaryWriter(log_dir=str(output_dir),
                                         purge_step=None if resume_step is None else resume_step + 1)
@@ -137,13 +144,18 @@ class RunLog:
         """Log one epoch's stats (with a time stamp); TensorBoard tags are ``train/loss``-style, at update ``step``."""
         if self.writer is None:
             return
+        from tract.run_folder import check_still_held
+
         stats = {**stats, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with self.path.open("a") as f:
-            f.write(json.dumps(stats) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        check_still_held(self.path.parent)
+        try:
+            append_text(self.path, json.dumps(stats) + "\n")
+            header = not self.summary.exists() or self.summary.stat().st_size == 0
+            append_text(self.summary, _summary_lines([stats], header=header))
+        except OSError as e:
+            check_still_held(self.path.parent)  # the folder deleted during the write: that is the message
+            raise write_failed(self.path, e, self.path.parent) from None
         self.records.append(stats)
-        _summary_row(stats, self.summary)
         for key, value in stats.items():
             if key not in ("epoch", "n_parameters") and isinstance(value, (int, float)):
                 split, _, name = key.partition("_")
@@ -164,11 +176,15 @@ class RunLog:
             self.writer.close()
 
 
-def _summary_row(stats: Dict[str, Any], path: Path) -> None:
-    """One epoch appended to a summary CSV in timm's layout (timm.utils.update_summary, as timm's train.py calls it);
-    an epoch without evaluation (--val-interval) has empty eval cells, so the columns stay aligned."""
-    from timm.utils import update_summary
-
-    update_summary(stats["epoch"], {"loss": stats.get("train_loss")},
-                   {"loss": stats.get("test_loss"), "top1": stats.get("test_acc1"), "top5": stats.get("test_acc5")},
-                   str(path), lr=stats.get("train_lr"))
+def _summary_lines(records: Sequence[Dict[str, Any]], header: bool) -> str:
+    """Epochs as ``summary.csv`` lines in timm's layout (``SUMMARY_FIELDS``); an epoch without evaluation
+    (--val-interval) has empty eval cells, so the columns stay aligned. Written here, not by timm's update_summary,
+    which opens the file through any link planted in its place."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(SUMMARY_FIELDS)
+    for r in records:
+        writer.writerow([r["epoch"], r.get("train_loss"), r.get("test_loss"), r.get("test_acc1"), r.get("test_acc5"),
+                         r.get("train_lr")])
+    return out.getvalue()
