@@ -77,8 +77,8 @@ def test_execute_runs_only_what_the_csv_lacks_and_report_reads_both_csvs(tmp_pat
         w = csv.DictWriter(f, fieldnames=tract_map.FIELDS)
         w.writeheader()
         w.writerow({"setting": "centre", "arm": "vanilla", "seed": 0, "acc1": 50.0, "acc5": 90.0, "wall_s": 1.0})
-    tract_map.execute(tmp_path, ["centre", "gray"], [0, 1], jobs=2)
-    assert len(ran) == 7 and ("centre-vanilla-s0", 0, False) not in ran
+    tract_map.execute(tmp_path, ["centre", "gray", "aug-weak"], [0, 1, 2], jobs=2)
+    assert len(ran) == 17 and ("centre-vanilla-s0", 0, False) not in ran
     old = tmp_path / "old.csv"
     old.write_text("study,model,opt,lr,inputs,lam,budget,seed,acc1,acc5,wall_s,images_per_sec,updates_per_epoch\n"
                    "main,vit,adam,0.001,standardised,0.0,4,0,50.0,90,1,1,50\n"
@@ -86,6 +86,9 @@ def test_execute_runs_only_what_the_csv_lacks_and_report_reads_both_csvs(tmp_pat
                    "main,vit,adam,0.001,standardised,0.1,2,0,99.0,90,1,1,50\n")
     text = tract_map.report(tmp_path, old)
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "**+2.00** [+2.00, +2.00]" in lines["centre"] and "2/2 |" in lines["centre"]
-    assert "**-3.00**" in lines["old-main"] and "0/1 |" in lines["old-main"]
+    assert "**+2.00** [+2.00, +2.00]" in lines["centre"] and "3/3 |" in lines["centre"]
+    # One seed: a mean difference, no interval, and outside the tally; aug-weak is the centre's run: not counted.
+    assert "**-3.00** (no interval: 1 seed(s))" in lines["old-main"] and "0/1 |" in lines["old-main"]
+    assert "(the same run as centre)" in lines["aug-weak"]
+    assert "Of 2 distinct settings with at least 3 seeds, TrAct is ahead (interval above 0) in 2" in text
     assert (tmp_path / "map.png").stat().st_size > 0
