@@ -128,9 +128,9 @@ def test_two_processes_train_exactly_as_one_with_the_same_global_batch_and_write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     run_dir = tmp_path / "run"
     names = sorted(p.name for p in run_dir.iterdir())
-    assert [n for n in names if not n.startswith("events.out.tfevents")] == ["args.yaml", "checkpoints", "log.txt",
-                                                                             "model.safetensors", "run.lock"]
-    assert len(names) == 6
+    assert [n for n in names if not n.startswith("events.out.tfevents")] == [
+        "args.yaml", "checkpoints", "config.json", "log.txt", "model.safetensors", "run.lock", "summary.csv"]
+    assert len(names) == 8
     assert len((run_dir / "log.txt").read_text().splitlines()) == EPOCHS
     # both processes' RNG states in the one checkpoint, so a resumed 2-process run restores each of them
     assert sorted(p.name for p in (run_dir / "checkpoints" / "last").glob("random_states_*")) == [
@@ -182,7 +182,7 @@ def test_sigusr1_to_the_launcher_checkpoints_all_workers_and_resume_finishes_the
     log = launcher.communicate(timeout=TIMEOUT)[0]
     assert launcher.returncode != 0, "the run ended before the signal: " + log[-2000:]
     assert "Received 10 death signal" in log or "SIGUSR1" in log, log[-3000:]
-    assert "exiting with 75 (resume with --resume run)" in log, log[-3000:]
+    assert "exiting with 75 (resume with --resume run, e.g. python train.py --resume run)" in log, log[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last"
     assert last.is_symlink() and last.resolve().name != f"epoch-{EPOCHS:04d}"
 

@@ -458,8 +458,11 @@ def test_resume_with_another_architecture_is_refused_before_compute_naming_the_c
     out = copy_run(two_epoch_run[0], tmp_path / "run")
     argv = resume_argv(two_epoch_run[1], out)
     i = argv.index("embed_dim=32")
-    with pytest.raises(ConfigError, match=r"started with model_kwargs=.*-c .*args.yaml --resume"):
+    with pytest.raises(ConfigError, match=r"--model-kwargs .*would change what the run computes.*python train.py "
+                                          r"--resume .*--resume-override"):
         train.main([*argv[:i], "embed_dim=64", *argv[i + 1:]])
+    with pytest.raises(ConfigError, match=r"started with model_kwargs=.*only fit that; leave them out \(--resume "):
+        train.main([*argv[:i], "embed_dim=64", *argv[i + 1:], "--resume-override"])  # the tensors cannot change
 
 
 def test_a_text_file_or_image_as_weights_is_refused_without_torchs_unsafe_advice(tmp_path):

@@ -23,7 +23,7 @@ from tract.data import DATASETS
 
 __all__ = ["ConfigError", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
            "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs",
-           "RESUME_FREE", "run_args_of", "check_resume_changes", "inactive_tract_options"]
+           "RESUME_FREE", "check_resume_changes", "inactive_tract_options"]
 
 # --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
 FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
@@ -375,7 +375,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     first.add_argument("-c", "--config", default=None)
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
-    run_args = run_args_of(known.resume) if known.resume else None
+    from tract.weights import find_run_args  # the run a path belongs to, as finetune.py finds it
+
+    run_args = find_run_args(known.resume) if known.resume and Path(known.resume).expanduser().is_dir() else None
     saved = {}
     if run_args is not None:  # the run continues as it was started: its own arguments are the base
         saved = {k: v for k, v in load_config(str(run_args), parser).items() if k not in RUN_CONTROL}
@@ -387,19 +389,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     if saved:
         check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
-
-
-def run_args_of(path: str) -> Optional[Path]:
-    """The args.yaml of the train.py run that ``--resume PATH`` names (the run folder, checkpoints/, a checkpoint)."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return None
-    p = p.resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
-    for folder in (p, p.parent if p.name == "checkpoints" else None,
-                   p.parent.parent if p.parent.name == "checkpoints" else None):
-        if folder is not None and (folder / "args.yaml").is_file():
-            return folder / "args.yaml"
-    return None
 
 
 def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_args: Path,
