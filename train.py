@@ -131,9 +131,7 @@ def main(argv=None) -> None:
                            if loader_kwargs["persistent_workers"] else ""),
             "tf32, cudnn.benchmark": (f"{'on' if args.tf32 else 'off'}, {'on' if args.cudnn_benchmark else 'off'}"
                                       if torch.cuda.is_available() else "n/a (no CUDA)"),
-            "host syncs": f"every {args.sync_interval} updates" + (
-                ", and one per micro-batch at the end of backward (TrAct's solve check; none when compiled)"
-                if tract_layer and not args.torchcompile else ""),
+            "host syncs": f"every {args.sync_interval} updates" + (" (TrAct adds none)" if tract_layer else ""),
             "evaluation": f"every {args.val_interval} epoch(s) and after the last",
             "mid-epoch checkpoints": (f"every {args.checkpoint_interval_updates} updates"
                                       if args.checkpoint_interval_updates else "off"),

@@ -185,7 +185,8 @@ def test_two_process_run_agrees_on_preemption_only_every_sync_interval_updates(u
     counts = tmp_path / "counts"
     args = ["--data-set", "IMNET", "--data-path", uniform_imagefolder, "--model", "vit_pico_patch7_28",
             "--model-kwargs", "patch_size=4", "--input-size", "32", "--opt", "sgd", "--epochs", "2",
-            "--batch-size", "1", "--num-workers", "0", "--no-progress", "--sync-interval", "4", "--output-dir", "run"]
+            "--batch-size", "1", "--num-workers", "0", "--no-progress", "--sync-interval", "4", "--output-dir", "run",
+            "--tract"]  # TrAct reads nothing back either
     out = subprocess.run([str(c) for c in accelerate_launch("--multi_gpu", "--num_processes", "2",
                                                             "--main_process_port", "0", REPO / "tests" /
                                                             "sync_counter.py", counts, *args)],

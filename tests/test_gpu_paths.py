@@ -1,0 +1,47 @@
+"""The CUDA paths of issue 15, tested on the CPU: through train.py where a CPU shows the defect, else through their
+logic on constructed inputs (mocked device counts and capabilities, constructed checkpoint files), as each says."""
+import pytest
+import torch
+
+import train
+from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401 (an autouse fixture)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
+def test_compile_with_tract_under_bf16_autocast_trains(tiny_imagefolder, tmp_path):
+    # Every GPU launch config sets bf16 or fp16; dynamo refused TrAct's autocast-off block in backward.
+    train.main(tiny_run(tiny_imagefolder, tmp_path / "o", "--mixed-precision", "bf16", "--torchcompile", "aot_eager",
+                        "--tract", "--max-updates-per-epoch", "2"))
+    assert log_lines(tmp_path / "o")[0]["train_loss"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
+def test_compiled_tract_builds_its_gram_in_full_float32_whatever_the_matmul_precision(monkeypatch):
+    import timm
+
+    import tract.method as method
+    from tract import apply_tract
+
+    seen = []
+    add_gram = method._add_gram
+
+    def recording(gram, rows):
+        seen.append(torch.get_float32_matmul_precision())  # when the product runs, not when a graph is traced
+        return add_gram(gram, rows)
+
+    monkeypatch.setattr(method, "_add_gram", recording)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed, as train.py sets it on CUDA
+    try:
+        model = timm.create_model("vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                  img_size=32)
+        apply_tract(model, lam=0.1)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)
+        for _ in range(2):  # the first call traces, the second only runs the compiled graphs
+            seen.clear()
+            compiled(torch.randn(16, 3, 32, 32)).sum().backward()  # b = 256 > n = 192: the Gram form
+            assert seen == ["highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
