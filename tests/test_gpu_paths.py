@@ -45,3 +45,24 @@ def test_compiled_tract_builds_its_gram_in_full_float32_whatever_the_matmul_prec
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_seeded_batches_in_the_main_process_leave_the_cuda_generators_alone(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from tract.data import SeededBatches
+
+    data = SeededBatches(TensorDataset(torch.arange(6)))
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    touched = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):  # what would reseed CUDA
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _name=name, **k: touched.append(_name))
+    assert [int(x[0]) for x in data.__getitems__([(7, 0), (7, 3)])] == [0, 3]
+    monkeypatch.undo()
+    assert touched == [] and torch.equal(torch.get_rng_state(), before)  # CPU state put back, CUDA never touched
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    random_dataset = SeededBatches([None])
+    random_dataset.dataset = type("Draw", (), {"__getitem__": lambda self, i: torch.rand(1)})()
+    assert torch.equal(random_dataset.__getitems__([(7, 0)])[0], expected)  # seeded as torch.manual_seed(7) seeds
