@@ -187,7 +187,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
             ema.update(unwrapped, step=state.num_updates)
         bar.update()
         if state.update_in_epoch % sync_interval == 0 or state.update_in_epoch == updates_per_epoch:
-            mean_loss = loss_sum.item() / micro_batches  # a host sync: only every few updates
+            # Summed over processes, so that all of them stop together on a non-finite loss; a host sync, and a
+            # collective when distributed: only every few updates.
+            mean_loss = accelerator.reduce(loss_sum.reshape(1), reduction="sum").item() / (
+                micro_batches * accelerator.num_processes)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at update {state.num_updates}: training diverged "
                                          "(lower --lr, or check the data)")

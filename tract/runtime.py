@@ -9,9 +9,12 @@ single process stops after the next update. train.py then writes the ``last`` ch
 the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update.
 """
 import argparse
+import hashlib
 import os
 import signal
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -116,14 +119,34 @@ class Preemption:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def _first_to_tell(message: str) -> bool:
+    """Whether this process prints ``message``: the first process of this machine's launch to meet it.
+
+    Every process of a launch meets a bad option, so it is told once per machine; an error only some processes meet
+    (a bad image in one process's shard) is told by the process that met it. The processes of one launch on one
+    machine share their parent (the launcher) and agree through an exclusively created file in the temp folder.
+    """
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
+        return True
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}-{os.getppid()}"
+    digest = hashlib.sha256(f"{launch}\n{message}".encode()).hexdigest()[:24]
+    try:
+        os.close(os.open(Path(tempfile.gettempdir()) / f"tract-told-{digest}", os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temp folder: the first process of the machine speaks for all
+        return first_process_on_machine()
+    return True
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str, argv: Optional[Sequence[str]] = None) -> None:
     """Run a script's ``main``: a user error or a diverged run ends with one message and exit status 1, no traceback.
 
-    Every process of a launch meets the same bad option, so only the first process of each machine says it (one
-    message on one machine, not one per GPU); a problem of one machine only, such as its missing data, is still told.
+    The message is printed once per machine by the first process that meets it (``_first_to_tell``); every other
+    process of the launch that meets it exits with status 1 too.
     """
     try:
         main(argv)
     except (ConfigError, DatasetError, WeightsError, FloatingPointError) as e:
         message = f"{prog}: {'' if isinstance(e, FloatingPointError) else 'error: '}{e}"
-        raise SystemExit(message if first_process_on_machine() else 1) from None
+        raise SystemExit(message if _first_to_tell(message) else 1) from None
