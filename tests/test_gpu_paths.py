@@ -66,3 +66,37 @@ def test_seeded_batches_in_the_main_process_leave_the_cuda_generators_alone(monk
     random_dataset = SeededBatches([None])
     random_dataset.dataset = type("Draw", (), {"__getitem__": lambda self, i: torch.rand(1)})()
     assert torch.equal(random_dataset.__getitems__([(7, 0)])[0], expected)  # seeded as torch.manual_seed(7) seeds
+
+
+def philox(seed: int, offset: int) -> torch.Tensor:
+    """A CUDA generator state as torch writes it: the uint64 seed, then the int64 offset, little-endian bytes."""
+    return torch.tensor(list(seed.to_bytes(8, "little") + offset.to_bytes(8, "little")), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("saved, expected", [
+    ([philox(5, 0)] * 3 + [philox(5, 48)] + [philox(5, 0)] * 4, philox(5, 48)),  # 1 x 8 GPUs saved, process 3's GPU
+    ([philox(6, 96)], philox(6, 96)),  # one GPU per task saved, restored on a machine where 4 are visible
+    ([philox(7, 0)] * 4, philox(7, 0)),  # nothing drawn on a GPU yet
+], ids=["more_states_than_visible", "fewer_states_than_visible", "none_advanced"])
+def test_resume_restores_only_this_processs_gpu_generator_from_the_state_that_advanced(monkeypatch, saved,
+                                                                                        expected):
+    from tract.checkpoint import _restore_cuda_rng
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state set"))
+    device = torch.device("cuda", 2)
+    _restore_cuda_rng(saved, device, "random_states_3.pkl", exact=True, log=pytest.fail)
+    assert len(calls) == 1 and torch.equal(calls[0][0], expected) and calls[0][1] == device
+
+
+@pytest.mark.parametrize("saved", [[philox(5, 48), philox(5, 0), philox(5, 64)], []], ids=["ambiguous", "none"])
+def test_resume_without_a_recognisable_gpu_state_is_refused_or_told_inexact(monkeypatch, saved):
+    from tract.checkpoint import CheckpointError, _restore_cuda_rng
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: pytest.fail("a state was guessed"))
+    with pytest.raises(CheckpointError, match="--resume-inexact"):
+        _restore_cuda_rng(saved, torch.device("cuda", 0), "random_states_0.pkl", exact=True, log=print)
+    told = []
+    _restore_cuda_rng(saved, torch.device("cuda", 0), "random_states_0.pkl", exact=False, log=told.append)
+    assert len(told) == 1 and "no longer exact" in told[0]
