@@ -100,3 +100,49 @@ def test_resume_without_a_recognisable_gpu_state_is_refused_or_told_inexact(monk
     told = []
     _restore_cuda_rng(saved, torch.device("cuda", 0), "random_states_0.pkl", exact=False, log=told.append)
     assert len(told) == 1 and "no longer exact" in told[0]
+
+
+def test_a_model_evaluated_off_the_accelerators_device_is_gathered_on_that_device():
+    # --model-ema-force-cpu --model-ema-eval on GPUs: the EMA runs on the CPU, but NCCL gathers only device tensors.
+    # The accelerator's device is mocked as "meta" (only the CPU is here): what reaches the gather must be on it.
+    from torch import nn
+
+    from tract.engine import evaluate
+
+    gathered = []
+
+    class Accelerator:
+        device = torch.device("meta")
+        is_main_process = True
+
+        @staticmethod
+        def autocast():
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        @staticmethod
+        def gather_for_metrics(tensors):
+            gathered.extend(t.device for t in tensors)
+            return tensors
+
+    loader = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 1]))]
+    with pytest.raises(NotImplementedError):  # the meta totals cannot be read back: the gather is what is checked
+        evaluate(nn.Linear(6, 3), loader, Accelerator(), progress=False)
+    assert gathered == [torch.device("meta")] * 3
+
+
+def test_the_ema_is_built_from_the_model_on_its_device_and_follows_it(tiny_imagefolder, tmp_path, monkeypatch):
+    # timm's ModelEmaV3 turns foreach updates off when built from a model on another device than the EMA's
+    import timm.utils
+
+    built = []
+    real = timm.utils.ModelEmaV3
+
+    def recording(model, **kwargs):
+        built.append((next(model.parameters()).device, kwargs.get("device")))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", recording)
+    train.main(tiny_run(tiny_imagefolder, tmp_path / "o", "--model-ema", "--max-updates-per-epoch", "1"))
+    assert built == [(torch.device("cpu"), None)]  # the accelerator's device; the EMA on the model's own

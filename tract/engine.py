@@ -231,8 +231,10 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, channels_last: 
         targets = targets.to(output.device)
         loss = F.cross_entropy(output, targets, reduction="none")
         top = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
-        # gather_for_metrics drops the samples Accelerate repeated to give every process a full last batch
-        loss, top1, top5 = accelerator.gather_for_metrics((loss, top[:, 0], top.any(dim=1)))
+        # gather_for_metrics drops the samples Accelerate repeated to give every process a full last batch; on the
+        # accelerator's device, which NCCL needs, also for a model evaluated elsewhere (--model-ema-force-cpu)
+        loss, top1, top5 = accelerator.gather_for_metrics(
+            tuple(t.to(accelerator.device) for t in (loss, top[:, 0], top.any(dim=1))))
         totals += torch.stack([loss.double().sum(), top1.double().sum(), top5.double().sum(),
                                torch.tensor(float(loss.numel()), dtype=torch.float64, device=loss.device)]
                               ).to(totals.device)
