@@ -146,3 +146,81 @@ def test_the_ema_is_built_from_the_model_on_its_device_and_follows_it(tiny_image
     monkeypatch.setattr(timm.utils, "ModelEmaV3", recording)
     train.main(tiny_run(tiny_imagefolder, tmp_path / "o", "--model-ema", "--max-updates-per-epoch", "1"))
     assert built == [(torch.device("cpu"), None)]  # the accelerator's device; the EMA on the model's own
+
+
+CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14's PyPI wheel
+
+
+def fake_gpus(monkeypatch, capability, arch_list, name="NVIDIA GPU"):
+    """torch.cuda as it answers on a machine with one GPU of ``capability`` and a torch built for ``arch_list``."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+
+
+def test_a_v100_under_a_torch_without_sm_70_is_refused_naming_the_cuda_12_6_build(monkeypatch):
+    from tract.config import ConfigError
+    from tract.runtime import LEGACY_INDEX_URL, check_cuda
+
+    fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
+    with pytest.raises(ConfigError, match=r"V100.*sm_70.*no kernels") as told:
+        check_cuda("fp16")
+    assert f"TORCH_INDEX_URL={LEGACY_INDEX_URL} bash scripts/env.sh" in str(told.value)
+    assert LEGACY_INDEX_URL == "https://download.pytorch.org/whl/cu126"
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((8, 6), CUDA13_ARCHS, True),  # A40
+    ((8, 9), ["sm_80", "sm_86"], True),  # binary code of the same major, lower minor
+    ((9, 0), ["sm_80", "sm_86"], False),
+    ((9, 0), ["sm_80", "compute_80"], True),  # PTX: compiled by the driver
+    ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # the CUDA 12.6 build
+])
+def test_gpu_architectures_are_checked_against_the_torch_builds_kernels(monkeypatch, capability, arch_list, runs):
+    from tract.config import ConfigError
+    from tract.runtime import check_cuda
+
+    fake_gpus(monkeypatch, capability, arch_list)
+    if runs:
+        check_cuda("bf16")
+    else:
+        with pytest.raises(ConfigError, match=f"sm_{capability[0]}{capability[1]}.*get_arch_list"):
+            check_cuda("bf16")
+
+
+@pytest.mark.parametrize("env, precision, refused", [
+    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "8"}, "fp16", True),  # v100x8.yaml on a machine where CUDA fails
+    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "fp16", True),  # gpu1.yaml with fp16
+    ({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, "no", False),  # cpu.yaml
+    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "bf16", False),  # one process, bf16 runs on the CPU too
+    ({}, "bf16", False),  # plain python train.py on a CPU machine
+], ids=["multi_gpu", "fp16", "cpu_config", "bf16_one_process", "plain_python"])
+def test_a_gpu_launch_without_usable_cuda_is_refused_naming_the_fix(monkeypatch, env, precision, refused):
+    from tract.config import ConfigError
+    from tract.runtime import check_cuda
+
+    for key in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if refused:
+        with pytest.raises(ConfigError, match=r"no usable GPU.*nvidia-smi.*TORCH_INDEX_URL=.*--cpu"):
+            check_cuda(precision)
+    else:
+        check_cuda(precision)
+
+
+def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from tract.config import ConfigError
+    from tract.runtime import check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="started 4 processes, but Accelerate runs 1"):
+        check_world_size(SimpleNamespace(num_processes=1, distributed_type="NO"))
+    check_world_size(SimpleNamespace(num_processes=4, distributed_type="MULTI_GPU"))
