@@ -224,3 +224,42 @@ def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatc
     with pytest.raises(ConfigError, match="started 4 processes, but Accelerate runs 1"):
         check_world_size(SimpleNamespace(num_processes=1, distributed_type="NO"))
     check_world_size(SimpleNamespace(num_processes=4, distributed_type="MULTI_GPU"))
+
+
+def floors(text: str) -> dict:
+    """{package: minimum version} of the 'name>=version' requirements in ``text``."""
+    import re
+
+    return {m[1]: m[2] for m in re.finditer(r'(?m)^\s*"?([A-Za-z0-9_.-]+)>=([0-9.]+)', text)}
+
+
+def test_version_floors_agree_and_the_apis_the_code_needs_from_them_are_there():
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    repo = Path(__file__).resolve().parents[1]
+    required = floors((repo / "requirements.txt").read_text())
+    declared = floors((repo / "pyproject.toml").read_text())
+    assert {k: required[k] for k in declared} == declared  # the package and the environment ask for the same
+    assert {k: required[k] for k in ("torch", "torchvision", "timm", "accelerate")} == {
+        "torch": "2.5", "torchvision": "0.20", "timm": "1.0.30", "accelerate": "1.1"}
+    import accelerate
+    import timm
+    import torchvision
+
+    for module in (torch, torchvision, timm, accelerate):
+        assert Version(module.__version__.split("+")[0]) >= Version(required[module.__name__])
+    # torch 2.5: what tract uses that 2.1-2.4 lack
+    with torch.serialization.safe_globals([]):
+        pass
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    assert callable(torch.library.custom_op) and callable(torch.compiler.is_compiling)
+    # accelerate 1.1: the numpy globals an RNG-state file needs under weights_only=True
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    assert TORCH_SAFE_GLOBALS
+    # timm 1.0.30: PrefetchLoader keeps one side stream (made lazily) for its lifetime
+    from timm.data.loader import PrefetchLoader
+
+    assert PrefetchLoader([], device=torch.device("cpu")).stream is None
