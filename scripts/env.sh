@@ -8,7 +8,8 @@
 # TORCH_INDEX_URL: install torch and torchvision from one of torch's own wheel indexes. torch's PyPI wheel is a CUDA 13
 # build with kernels from sm_75 (Turing) on that needs a recent driver; V100s (sm_70) and older drivers need the
 # CUDA 12.6 build, which torch 2.14 is the last release to have (train.py names this command when it is needed):
-#   rm -rf .venv && TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash scripts/env.sh python train.py --dry-run
+#   rm -rf .venv && TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash scripts/env.sh python train.py \
+#       --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -263,3 +263,32 @@ def test_version_floors_agree_and_the_apis_the_code_needs_from_them_are_there():
     from timm.data.loader import PrefetchLoader
 
     assert PrefetchLoader([], device=torch.device("cpu")).stream is None
+
+
+def test_gpu_check_runs_its_whole_plan_at_toy_size_on_the_cpu(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
+                          env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
+    assert [(name, status) for name, status, _ in steps] == [
+        ("env", "0"), ("overhead", "0"), ("throughput", "0"), ("syncs", "0"), ("convergence", "0")]
+    assert "no CUDA GPU" in (out / "env.txt").read_text()
+    assert "| cifar_vit | 4 |" in (out / "overhead.md").read_text()
+    assert "| compile + TrAct |" in (out / "throughput.md").read_text()
+    syncs = (out / "syncs.txt").read_text()
+    assert "TrAct, eager: 3 updates" in syncs and "TrAct, compiled (aot_eager): 3 updates" in syncs
+    with open(out / "convergence" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {row["lam"] for row in rows} >= {"0.1"} and len({row["lam"] for row in rows}) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["steps.tsv", "convergence", *(f"{s}.{e}" for s in ("env", "overhead", "throughput", "syncs", "convergence")
+                                       for e in (("txt" if s in ("env", "syncs", "convergence") else "md"), "log"))])
