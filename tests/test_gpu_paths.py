@@ -7,6 +7,15 @@ import train
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401 (an autouse fixture)
 
 
+@pytest.fixture(autouse=True)
+def no_accelerate_state_from_before():
+    """Accelerate keeps process-wide singletons: a run of another test module must not decide this one's precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
 def test_compile_with_tract_under_bf16_autocast_trains(tiny_imagefolder, tmp_path):
     # Every GPU launch config sets bf16 or fp16; dynamo refused TrAct's autocast-off block in backward.
