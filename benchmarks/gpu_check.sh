@@ -61,10 +61,11 @@ else
   overhead=(--device cuda --amp bf16 --reps 50)
   throughput=(--device cuda --amp bf16 --batch-size 256 --updates 20 --reps 1 --workers 4
               --variants base compile "compile + TrAct" channels-last)
-  train_data=(--data-set FMNIST --data-path "$fmnist" --batch-size 256 --max-updates-per-epoch 50 --mixed-precision bf16)
+  train_data=(--data-set FMNIST --data-path "$fmnist" --batch-size 256 --max-updates-per-epoch 50
+              --mixed-precision bf16)
   compile_backend=inductor
-  convergence=(--budgets 1 2 4 --seeds 0 1 --updates-per-epoch 100 --threads 4 --train-args --data-set FMNIST --data-path "$fmnist"
-               --num-workers 4 --mixed-precision bf16)
+  convergence=(--budgets 1 2 4 --seeds 0 1 --updates-per-epoch 100 --threads 4
+               --train-args --data-set FMNIST --data-path "$fmnist" --num-workers 4 --mixed-precision bf16)
   limits=(30 90 200 60 150)
 fi
 

@@ -155,7 +155,8 @@ def child(opts) -> None:
     import torch
 
     data = Path(opts.data)
-    switches = [a for s in VARIANTS[opts.variant] for a in ([s, opts.compile_backend] if s == "--torchcompile" else [s])]
+    switches = [a for switch in VARIANTS[opts.variant]
+                for a in ([switch, opts.compile_backend] if switch == "--torchcompile" else [switch])]
     epochs = (run_train if opts.runner == "train.py" else run_bare)(opts, data, switches)
     if opts.device == "cuda":
         torch.cuda.synchronize()

@@ -32,7 +32,8 @@ if [ ${#missing_debs[@]} -gt 0 ]; then
 fi
 
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
-want=$({ cat requirements.txt pyproject.toml; [ -z "$TORCH_INDEX_URL" ] || echo "$TORCH_INDEX_URL"; } | sha256sum | cut -d' ' -f1)
+want=$({ cat requirements.txt pyproject.toml; [ -z "$TORCH_INDEX_URL" ] || echo "$TORCH_INDEX_URL"; } | sha256sum \
+  | cut -d' ' -f1)
 if [ ! -x $VENV/bin/python ] || [ "$(cat $STAMP 2>/dev/null)" != "$want" ]; then
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || { echo "env.sh: Python >= 3.10 is needed, $PYTHON is $("$PYTHON" --version)" >&2; exit 1; }

@@ -348,7 +348,7 @@ def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimi
 
 
 def _cuda_rng_offset(state: torch.Tensor) -> Optional[int]:
-    """How far a CUDA (Philox) generator state has advanced: the int64 after its uint64 seed (None: not such a state)."""
+    """How far a CUDA (Philox) generator state has advanced: the int64 after its uint64 seed (None: not one)."""
     return int.from_bytes(bytes(state.tolist()[8:16]), "little", signed=True) if state.numel() == 16 else None
 
 

@@ -136,11 +136,12 @@ def _spd_solve_right(rhs: Tensor, spd: Tensor, shift: float) -> Tensor:
     """rhs @ (spd + shift' I)^-1 for batched PSD ``spd`` (modified in place), by one Cholesky factorisation.
 
     shift' = max(shift, sqrt(eps) * max diag(spd)), eps of ``spd``'s dtype (3.5e-4 relative in float32): ``shift``
-    itself wherever float32 can resolve it (always for standardised or [0, 1] inputs and the paper's lambda). Below
-    that, rounding of the Gram exceeds the shift: the factorisation fails or its solution is dominated by rounding
-    (errors up to 1/shift times float32's); at sqrt(eps) the two errors balance, and the result is the exact solution
-    for shift' to about 1e-3. Chosen on the device: no host read, no second factorisation, no float64. Should the
-    factorisation fail anyway, the result is ``rhs`` / (max diag + shift'), finite where ``rhs`` is.
+    itself wherever float32 can resolve it (with standardised or [0, 1] inputs the floor is far below the paper's
+    lambda). Below that, rounding of the Gram exceeds the shift: the factorisation fails or its solution is dominated
+    by rounding (errors up to 1/shift times float32's); at sqrt(eps) the two errors balance, and the result is the
+    exact solution for shift' to about 2e-3. Chosen on the device: no host read, no second factorisation, no
+    float64. Should the factorisation fail anyway, the result is ``rhs`` / (max diag + shift'), finite where ``rhs``
+    is.
     """
     diagonal = spd.diagonal(dim1=-2, dim2=-1)
     largest = diagonal.amax(-1, keepdim=True)
