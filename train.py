@@ -75,8 +75,9 @@ def main(argv=None, args=None) -> None:
         if args.model_ema:
             from timm.utils import ModelEmaV3
 
-            ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                             device="cpu" if args.model_ema_force_cpu else accelerator.device)
+            # The model on its device first: an EMA built from a model on another device has foreach updates off
+            model.to(accelerator.device)
+            ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
         if args.torchcompile:  # in place, after the EMA's copy: parameter names and state_dict keys stay timm's
             model.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, data.val_loader)

@@ -117,6 +117,7 @@ def _floor_fn(rows: torch.Tensor, grad_w: torch.Tensor, lam: float) -> Callable[
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
     """Median timings (seconds) for one model."""
     builder, batch, size, classes = MODELS[name]
+    batch = args.batch_size or batch
     dtype = DTYPES[args.dtype]
     amp = AMP[args.amp]
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
@@ -183,6 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", default="none", choices=list(AMP), help="autocast dtype (none)")
     parser.add_argument("--lam", type=float, default=0.1, help="TrAct's lambda (0.1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (each model's own by default)")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")

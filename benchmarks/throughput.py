@@ -154,7 +154,9 @@ def child(opts) -> None:
     """One measured run in this process; prints one JSON line."""
     import torch
 
-    data, switches = Path(opts.data), VARIANTS[opts.variant]
+    data = Path(opts.data)
+    switches = [a for switch in VARIANTS[opts.variant]
+                for a in ([switch, opts.compile_backend] if switch == "--torchcompile" else [switch])]
     epochs = (run_train if opts.runner == "train.py" else run_bare)(opts, data, switches)
     if opts.device == "cuda":
         torch.cuda.synchronize()
@@ -187,6 +189,8 @@ def main() -> None:
                    help="torch threads per run (OMP_NUM_THREADS); None = torch's default. On a shared CPU, 1: "
                         "threads that wait for a busy core make steps several times slower and erratic")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS)[:-1], choices=list(VARIANTS))
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile variants (inductor; aot_eager skips code generation)")
     p.add_argument("--runner", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -226,7 +230,7 @@ def main() -> None:
     print(f"\n{opts.reps} interleaved repetitions, medians; torch {torch.__version__}, device {opts.device}, "
           f"precision {opts.amp}, {opts.model} {' '.join(opts.model_kwargs)} at {opts.input_size} px, batch "
           f"{opts.batch_size}, {opts.workers} loader worker(s), {opts.threads or 'default'} torch thread(s), "
-          f"2 epochs of {opts.updates} updates\n")
+          f"2 epochs of {opts.updates} updates, compile backend {opts.compile_backend}\n")
     print("| variant | train.py img/s | bare img/s | train.py / bare | vs base (train.py) | first step train.py / "
           "bare (s) | epoch gap train.py / bare (s) | peak MB train.py / bare |")
     print("|---|---|---|---|---|---|---|---|")

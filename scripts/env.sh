@@ -4,6 +4,12 @@
 #   bash scripts/env.sh python -m pytest
 # The environment is .venv (from requirements.txt) plus two Debian packages: dataset-fashion-mnist
 # (the data `python train.py` trains on by default) and shellcheck (the launch-script tests).
+#
+# TORCH_INDEX_URL: install torch and torchvision from one of torch's own wheel indexes. torch's PyPI wheel is a CUDA 13
+# build with kernels from sm_75 (Turing) on that needs a recent driver; V100s (sm_70) and older drivers need the
+# CUDA 12.6 build, which torch 2.14 is the last release to have (train.py names this command when it is needed):
+#   rm -rf .venv && TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash scripts/env.sh python train.py \
+#       --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,12 +31,18 @@ if [ ${#missing_debs[@]} -gt 0 ]; then
   fi
 fi
 
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+want=$({ cat requirements.txt pyproject.toml; [ -z "$TORCH_INDEX_URL" ] || echo "$TORCH_INDEX_URL"; } | sha256sum \
+  | cut -d' ' -f1)
 if [ ! -x $VENV/bin/python ] || [ "$(cat $STAMP 2>/dev/null)" != "$want" ]; then
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || { echo "env.sh: Python >= 3.10 is needed, $PYTHON is $("$PYTHON" --version)" >&2; exit 1; }
   echo "env.sh: setting up $VENV (a few minutes the first time)" >&2
   "$PYTHON" -m venv $VENV
+  if [ -n "$TORCH_INDEX_URL" ]; then
+    echo "env.sh: torch and torchvision from $TORCH_INDEX_URL" >&2
+    $VENV/bin/python -m pip install -q --disable-pip-version-check --index-url "$TORCH_INDEX_URL" torch torchvision
+  fi
   $VENV/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
   echo "$want" > $STAMP
 fi

@@ -237,7 +237,7 @@ def test_lemma2_zero_gradient_iff_zero_tract_update():
     torch.testing.assert_close(layer.weight.grad @ gram, grad_z.T @ x, rtol=1e-10, atol=1e-12)
 
 
-def test_cholesky_failure_falls_back_to_a_robust_solve():
+def test_lambda_below_the_float32_resolution_is_raised_to_it_and_the_gradient_stays_accurate():
     """Exactly rank-1 integer rows at scale ~1e4 and lam 1e-4: lam vanishes in the float32 Gram (not SPD there)."""
     torch.manual_seed(3)
     lam, b = 1e-4, 64
@@ -252,7 +252,8 @@ def test_cholesky_failure_falls_back_to_a_robust_solve():
     s = direction.double().square().sum() * scale.double().square().sum() / b
     expected = (grad_z.T.double() @ x.double()) / (s + lam)
     assert torch.isfinite(layer.weight.grad).all()
-    assert_rel_close(layer.weight.grad, expected, 1e-5)
+    # lam is raised to sqrt(eps) * max diag(G) (float32's resolution); along G's eigenvector that is a 1e-4 change
+    assert_rel_close(layer.weight.grad, expected, 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,8 +516,8 @@ def test_torch_compile_matches_eager():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The non-positive-definite fallback: exact in float64; eager: one host read and float64 work only on failure;
-# compiled: chosen on the device, no graph break
+# Below float32's resolution of the Gram, lambda is raised to it (sqrt(eps) * the largest diagonal entry): the result
+# is the float64 closed form at the raised lambda, eager and compiled alike, with no host read and no float64 work.
 
 def smooth_images(batch: int, size: int = 16) -> torch.Tensor:
     """Images with no high frequencies (2x2 random grids, bilinear upsampled): their patch Gram is nearly singular."""
@@ -524,23 +525,43 @@ def smooth_images(batch: int, size: int = 16) -> torch.Tensor:
     return F.interpolate(torch.randn(batch, 3, 2, 2), size=(size, size), mode="bilinear", align_corners=True)
 
 
+def raised_lambda(layer: nn.Module, x: torch.Tensor, lam: float) -> float:
+    """max(lam, sqrt(float32 eps) * max diag of the float64 Gram): the lambda the float32 solve can resolve."""
+    rows = reference_rows(layer, x)
+    return max(lam, 2.0 ** -11.5 * (rows.square().sum(0) / rows.shape[0]).max().item())
+
+
 @pytest.mark.parametrize("lam", [1e-7, 1e-8])
-def test_fallback_recomputes_the_ordinary_gradient_in_float64_and_is_exact(lam):
+def test_a_lambda_below_float32_resolution_gives_the_closed_form_at_the_raised_lambda(lam):
     conv = nn.Conv2d(3, 8, 4, stride=4)
     layer = TrAct(copy.deepcopy(conv), lam)
     x = smooth_images(8)
     rows = reference_rows(conv, x).float()
     gram = rows.T @ rows / rows.shape[0] + lam * torch.eye(rows.shape[1])
-    assert torch.linalg.cholesky_ex(gram).info.item() > 0  # the float32 fast path fails: the fallback is tested
+    assert torch.linalg.cholesky_ex(gram).info.item() > 0  # float32 cannot factor it with lam itself
     z = layer(x)
     grad_z = torch.randn_like(z)
     z.backward(grad_z)
-    _, expected = reference_grads(conv, x, grad_z, lam)
-    assert_rel_close(layer.weight.grad, expected, 1e-6)  # reusing the float32 ordinary gradient: 7e-2, 0.68
+    _, expected = reference_grads(conv, x, grad_z, raised_lambda(conv, x, lam))
+    assert_rel_close(layer.weight.grad, expected, 5e-3)  # measured 1.9e-3; with lam itself in float32: 0.3 and more
+
+
+def test_a_resolvable_lambda_is_used_as_it_is():
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    x = torch.randn(8, 3, 16, 16)
+    assert raised_lambda(conv, x, 0.05) == 0.05  # standardised inputs, the paper's smallest lambda
+    layer = TrAct(copy.deepcopy(conv), 0.05)
+    z = layer(x)
+    grad_z = torch.randn_like(z)
+    z.backward(grad_z)
+    _, expected = reference_grads(conv, x, grad_z, 0.05)
+    assert_rel_close(layer.weight.grad, expected, 1e-5)
+    _, other = reference_grads(conv, x, grad_z, 0.05 * (1 + 1e-3))
+    assert (other - expected).norm() / expected.norm() > 1e-5  # the tolerance above would see a changed lambda
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own inductor internals
-def test_compiled_model_with_a_singular_gram_takes_the_fallback_and_matches_float64():
+def test_compiled_model_with_a_singular_gram_matches_the_closed_form_at_the_raised_lambda():
     torch.manual_seed(5)
     net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
     conv = copy.deepcopy(net[0])
@@ -554,8 +575,8 @@ def test_compiled_model_with_a_singular_gram_takes_the_fallback_and_matches_floa
     z = net[0].plain()(x).detach().requires_grad_(True)
     rest = nn.Sequential(net[1], net[2], net[3])
     rest(z).backward(grad_out)
-    _, expected = reference_grads(conv, x, z.grad, 1e-8)
-    assert_rel_close(net[0].weight.grad, expected, 1e-5)  # skipping the fallback when compiled: NaN
+    _, expected = reference_grads(conv, x, z.grad, raised_lambda(conv, x, 1e-8))
+    assert_rel_close(net[0].weight.grad, expected, 5e-3)
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
@@ -575,10 +596,9 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("lam, images", [(0.1, "random"), (1e-8, "constant")], ids=["fast_path", "fallback"])
+@pytest.mark.parametrize("lam, images", [(0.1, "random"), (1e-8, "constant")], ids=["resolvable", "raised"])
 @pytest.mark.parametrize("kind", ["gram", "woodbury"])
-def test_eager_backward_reads_one_value_on_the_host_and_works_in_float64_only_when_the_fast_path_failed(
-        lam, images, kind):
+def test_eager_backward_reads_nothing_on_the_host_and_does_no_float64_work(lam, images, kind):
     torch.manual_seed(0)
     batch = 8 if kind == "gram" else 1  # one 16-px image: b = 16 patches < n = 48, the (b, b) form
     x = torch.rand(batch, 3, 16, 16) if images == "random" else \
@@ -588,8 +608,7 @@ def test_eager_backward_reads_one_value_on_the_host_and_works_in_float64_only_wh
     grad_z = torch.randn_like(z)
     with _HostReads() as mode:
         z.backward(grad_z)
-    assert mode.reads == 1
-    assert (mode.float64_ops > 0) == (images == "constant")
+    assert mode.reads == 0 and mode.float64_ops == 0
     assert torch.isfinite(layer.weight.grad).all()
 
 

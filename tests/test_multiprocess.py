@@ -188,3 +188,44 @@ def test_sigusr1_to_the_launcher_checkpoints_all_workers_and_resume_finishes_the
 
     run(command("--resume", "run"), tmp_path)
     assert_same_weights(tmp_path / "run" / "model.safetensors", reference_run / "model.safetensors")
+
+
+def launch_until_it_ends(cwd: Path, *args):
+    """(output, exit status, seconds) of a 2-process launch of ``args``."""
+    start = time.monotonic()
+    out = run(accelerate_launch("--multi_gpu", "--num_processes", "2", "--main_process_port", "0", *args), cwd,
+              check=False)
+    return out.stdout + out.stderr, out.returncode, time.monotonic() - start
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_check_with_one_message(
+        uniform_imagefolder, tmp_path):
+    # Process 1's loss is NaN at update 2, a loss check (--sync-interval 2): process 0's own loss is still finite
+    # there, so without agreement process 1 stops alone and process 0 waits in the next update's all-reduce.
+    log, status, seconds = launch_until_it_ends(
+        tmp_path, REPO / "tests" / "one_rank_fails.py", "1", "2", *TRAIN_ARGS,
+        "--data-path", uniform_imagefolder, "--batch-size", "4", "--sync-interval", "2", "--output-dir", "run")
+    assert status != 0
+    assert log.count("train.py: loss is nan at update 2: training diverged") == 1, log[-3000:]
+    # both stopped on the error, neither in a broken collective (the launcher's own traceback only names itself)
+    assert 'train.py", line' not in log and "tract/" not in log.replace(str(REPO / "tests"), ""), log[-3000:]
+    assert seconds < 90
+
+
+def test_a_bad_image_met_by_one_process_is_told_by_it_and_ends_the_launch(uniform_imagefolder, tmp_path):
+    import shutil
+
+    from torch.utils.data import DistributedSampler
+
+    data = tmp_path / "data"
+    shutil.copytree(uniform_imagefolder, data)
+    # An image of process 1's shard of the first epoch (train.py's sampler; ImageFolder orders class, then name):
+    # process 0 never reads it, and process 1 is not the one that tells the machine's shared errors
+    first = next(iter(DistributedSampler(range(24), 2, 1, shuffle=True, seed=0, drop_last=True)))
+    bad = data / "train" / f"class_{first // 8}" / f"{first % 8}.png"
+    bad.write_bytes(b"not a png")
+    log, status, seconds = launch_until_it_ends(
+        tmp_path, REPO / "train.py", *TRAIN_ARGS, "--data-path", data, "--batch-size", "4", "--output-dir", "run")
+    assert status != 0
+    assert log.count(f"train.py: error: cannot read image {bad}") == 1, log[-3000:]
+    assert seconds < 90

@@ -185,7 +185,8 @@ def test_two_process_run_agrees_on_preemption_only_every_sync_interval_updates(u
     counts = tmp_path / "counts"
     args = ["--data-set", "IMNET", "--data-path", uniform_imagefolder, "--model", "vit_pico_patch7_28",
             "--model-kwargs", "patch_size=4", "--input-size", "32", "--opt", "sgd", "--epochs", "2",
-            "--batch-size", "1", "--num-workers", "0", "--no-progress", "--sync-interval", "4", "--output-dir", "run"]
+            "--batch-size", "1", "--num-workers", "0", "--no-progress", "--sync-interval", "4", "--output-dir", "run",
+            "--tract"]  # TrAct reads nothing back either
     out = subprocess.run([str(c) for c in accelerate_launch("--multi_gpu", "--num_processes", "2",
                                                             "--main_process_port", "0", REPO / "tests" /
                                                             "sync_counter.py", counts, *args)],
@@ -193,11 +194,12 @@ def test_two_process_run_agrees_on_preemption_only_every_sync_interval_updates(u
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     updates, interval = 12, 4
     agreements = (updates - 1) // interval  # 2
-    loss_reads = updates // interval  # 3: the loss check every interval updates (the last is one of them)
+    # 3: the loss check every interval updates (the last is one of them), summed over processes so all stop together
+    loss_checks = updates // interval
     end_of_epoch = {"collectives": 2, "reads": 2}  # loss and count summed over processes, read once
     loader_start = 2  # host tensors once per epoch: the sampler's permutation, the loader iterator's seed
-    expected = {"collectives": agreements + end_of_epoch["collectives"],
-                "reads": agreements + loss_reads + end_of_epoch["reads"] + loader_start}
+    expected = {"collectives": agreements + loss_checks + end_of_epoch["collectives"],
+                "reads": agreements + loss_checks + end_of_epoch["reads"] + loader_start}
     for rank in (0, 1):
         assert json.loads((counts / f"rank-{rank}.json").read_text()) == [expected, expected]
 

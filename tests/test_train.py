@@ -310,17 +310,20 @@ def test_user_errors_end_in_one_message_before_anything_is_written(tiny_imagefol
     assert not out.exists()
 
 
-def test_user_error_is_told_once_per_machine_by_its_first_process_the_others_exit_quietly(tiny_imagefolder, tmp_path,
-                                                                                          monkeypatch):
+def test_user_error_is_told_once_per_machine_by_the_first_process_that_meets_it(tiny_imagefolder, tmp_path,
+                                                                                monkeypatch):
+    import tempfile
+
     argv = tiny_run(tiny_imagefolder, tmp_path / "out") + ["--tract-lambda", "0"]
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(SystemExit) as e:
-        train.cli(argv)
-    assert e.value.code == 1
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit) as e:
-        train.cli(argv)
-    assert str(e.value.code).startswith("train.py: error: --tract-lambda must be > 0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of one launch on this machine
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"test-{tmp_path.name}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the processes of a machine agree who tells
+    for local_rank, told in (("1", True), ("0", False)):  # process 1 meets it first here
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as e:
+            train.cli(argv)
+        assert (str(e.value.code).startswith("train.py: error: --tract-lambda must be > 0") if told
+                else e.value.code == 1)
 
 
 @pytest.mark.parametrize("local_rank, told", [("0", True), ("3", False)])

@@ -491,8 +491,41 @@ def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimi
     random.setstate(rng["random_state"])
     np.random.set_state(rng["numpy_random_seed"])
     torch.set_rng_state(rng["torch_manual_seed"])
-    if torch.cuda.is_available() and "torch_cuda_manual_seed" in rng:
-        torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"])
+    if accelerator.device.type == "cuda":
+        _restore_cuda_rng(rng.get("torch_cuda_manual_seed") or [], accelerator.device, folder / rng_file,
+                          exact=exact, log=log)
+
+
+def _cuda_rng_offset(state: torch.Tensor) -> Optional[int]:
+    """How far a CUDA (Philox) generator state has advanced: the int64 after its uint64 seed (None: not one)."""
+    return int.from_bytes(bytes(state.tolist()[8:16]), "little", signed=True) if state.numel() == 16 else None
+
+
+def _restore_cuda_rng(saved: List[torch.Tensor], device: torch.device, path: Path, *, exact: bool,
+                      log: Callable[[str], None]) -> None:
+    """Restore this process's CUDA generator, and only it, from the states Accelerate saved for every visible GPU.
+
+    The saving process drew only on its own GPU, whose index the file does not record: its state is the one that
+    advanced (the others still stand where ``set_seed`` put them, or are all alike). When that cannot be told (states
+    of several GPUs advanced), the resume is refused unless ``exact=False``, as for a missing state.
+    """
+    advanced = [state for state in saved if _cuda_rng_offset(state)]
+    if len(saved) == 1 or len(advanced) == 1:
+        state = (advanced or saved)[0]
+    elif saved and not advanced and all(torch.equal(state, saved[0]) for state in saved):
+        state = saved[0]  # nothing was drawn on any GPU: every state is the one set_seed gave
+    else:
+        state = None
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
+        return
+    message = (f"{path} holds no CUDA random state (it was written without CUDA)" if not saved else
+               f"{path} holds {len(saved)} CUDA random states of which {len(advanced)} advanced: which one was this "
+               f"process's GPU ({device}) cannot be told")
+    if exact:
+        raise CheckpointError(f"{message}: the resumed run would not be the uninterrupted one. Resume on the run's "
+                              "own GPU layout, or add --resume-inexact to continue anyway")
+    log(f"warning: {message}; continuing with a fresh CUDA random state: the run is no longer exact")
 
 
 def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:

@@ -485,8 +485,9 @@ class SeededBatchSampler(Sampler):
 class SeededBatches(Dataset):
     """Wraps a dataset for ``SeededBatchSampler``: seeds python, numpy and torch from the batch's seed, then loads it.
 
-    In the main process (``num_workers=0``) the global RNG states are put back afterwards, so training's own random
-    numbers (mixup, dropout) do not depend on the data loading.
+    Only the CPU generator is seeded (transforms run on the CPU): ``torch.manual_seed`` would reseed every CUDA
+    generator too. In the main process (``num_workers=0``) the states are put back afterwards, so training's own
+    random numbers (mixup, dropout, random erasing on the device) do not depend on the data loading.
     """
 
     def __init__(self, dataset: Dataset):
@@ -506,7 +507,7 @@ class SeededBatches(Dataset):
         seed = keys[0][0]
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         try:
             return [self.dataset[i] for _, i in keys]
         finally:

@@ -449,12 +449,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, cr
         if log_updates is not None:
             rows.append((state.num_updates, lr, step_loss / step_micro, grad_norm))
             step_loss, step_micro = torch.zeros((), device=device), 0
-        if (state.update_in_epoch % sync_interval == 0 or state.update_in_epoch == updates_per_epoch
-                or shown.line_due(state.update_in_epoch)):
-            # One host read for the epoch's loss so far and the per-update values since the last read.
-            read = torch.stack([loss_sum.float(), *[r[2].float() for r in rows],
+        check = state.update_in_epoch % sync_interval == 0 or state.update_in_epoch == updates_per_epoch
+        if check or shown.line_due(state.update_in_epoch):
+            # One host read for the epoch's loss so far and the per-update values since the last read. At a check
+            # the loss is summed over processes (every process checks after the same updates), so that all of them
+            # stop together on a non-finite loss; a progress line between checks (main process only) shows its own.
+            total = accelerator.reduce(loss_sum.reshape(1), reduction="sum") if check else loss_sum.reshape(1)
+            read = torch.stack([total[0].float(), *[r[2].float() for r in rows],
                                 *[r[3].float() for r in rows if r[3] is not None]]).tolist()
-            mean_loss = read[0] / micro_batches
+            mean_loss = read[0] / (micro_batches * (accelerator.num_processes if check else 1))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at update {state.num_updates}: training diverged "
                                          "(lower --lr, or check the data)")
@@ -499,8 +502,10 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, channels_last: 
         targets = targets.to(output.device)
         loss = F.cross_entropy(output, targets, reduction="none")
         top = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
-        # gather_for_metrics drops the samples Accelerate repeated to give every process a full last batch
-        loss, top1, top5 = accelerator.gather_for_metrics((loss, top[:, 0], top.any(dim=1)))
+        # gather_for_metrics drops the samples Accelerate repeated to give every process a full last batch; on the
+        # accelerator's device, which NCCL needs, also for a model evaluated elsewhere (--model-ema-force-cpu)
+        loss, top1, top5 = accelerator.gather_for_metrics(
+            tuple(t.to(accelerator.device) for t in (loss, top[:, 0], top.any(dim=1))))
         totals += torch.stack([loss.double().sum(), top1.double().sum(), top5.double().sum(),
                                torch.tensor(float(loss.numel()), dtype=torch.float64, device=loss.device)]
                               ).to(totals.device)

@@ -8,19 +8,16 @@ Cost: the ordinary weight gradient comes from the framework's own kernel, then i
 a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in backward from the
 input the layer saves anyway, so no activation memory is added and nothing runs in no-grad forward passes.
 
-A Gram that is not numerically positive definite in float32 (a lambda far below its float32 resolution, constant
-images) makes the Cholesky factorisation fail; the result is then the float64 solution, recomputed from the rows
-(Gram and grad_z^T X both in float64) and solved by LU. Eager, the factorisation's ``info`` is read on the host once
-per backward (the first layer's backward ends the backward pass, so the read waits for nothing else) and the
-float64 work is done only when it failed. Compiled, a graph cannot branch on a device value without a graph break,
-so both solutions are computed and ``torch.where`` picks one on the device: no break and no read, but the float64
-work every step.
+Where lambda is below the float32 resolution of the Gram (about sqrt(eps) = 3.5e-4 times its largest diagonal entry:
+a tiny lambda, inputs in [0, 255], constant images), float32 cannot solve with it: lambda is raised to that floor on
+the device. The step then has no host read, no graph break and no float64 work, eager and compiled alike; the weight
+gradient is computed by one operator (``tract::weight_grad``) that torch.compile calls as it is, in full float32.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -135,21 +132,27 @@ def _add_gram(gram: Tensor, rows: Tensor) -> None:
     gram[..., h:, :h] = gram[..., :h, h:].mT
 
 
-def _spd_solve_right(rhs: Tensor, spd: Tensor, robust: bool) -> Tuple[Tensor, Tensor]:
-    """(rhs @ spd^-1, ok) for batched ``spd``: Cholesky, or LU when ``robust``; ``ok`` is a device bool, never read.
+def _spd_solve_right(rhs: Tensor, spd: Tensor, shift: float) -> Tensor:
+    """rhs @ (spd + shift' I)^-1 for batched PSD ``spd`` (modified in place), by one Cholesky factorisation.
 
-    Where ``ok`` is False (the Cholesky factorisation failed: not positive definite) the solution is meaningless.
+    shift' = max(shift, sqrt(eps) * max diag(spd)), eps of ``spd``'s dtype (3.5e-4 relative in float32): ``shift``
+    itself wherever float32 can resolve it (with standardised or [0, 1] inputs the floor is far below the paper's
+    lambda). Below that, rounding of the Gram exceeds the shift: the factorisation fails or its solution is dominated
+    by rounding (errors up to 1/shift times float32's); at sqrt(eps) the two errors balance, and the result is the
+    exact solution for shift' to about 2e-3. Chosen on the device: no host read, no second factorisation, no
+    float64. The factorisation then succeeds for any finite Gram (its rounding is far below sqrt(eps) of its largest
+    entry for n up to thousands); a non-finite one gives a non-finite gradient, which the loss check reports.
     """
-    if robust:
-        out, info = torch.linalg.solve_ex(spd, rhs.mT)
-        return out.mT, info.eq(0).all()
-    chol, info = torch.linalg.cholesky_ex(spd)
-    return torch.cholesky_solve(rhs.mT, chol).mT, info.eq(0).all()
+    diagonal = spd.diagonal(dim1=-2, dim2=-1)
+    shift = (diagonal.amax(-1, keepdim=True) * math.sqrt(torch.finfo(spd.dtype).eps)).clamp(min=shift)
+    diagonal.add_(shift)  # (groups, 1) broadcast over each diagonal
+    chol, _ = torch.linalg.cholesky_ex(spd)
+    return torch.cholesky_solve(rhs.mT, chol).mT
 
 
 def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
-                shape: torch.Size, sync: bool, dtype: torch.dtype, robust: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_w (X^T X / b + lam I)^-1 per group in ``dtype``, ok): see ``_spd_solve_right``.
+                shape: torch.Size, sync: bool, dtype: torch.dtype) -> Tensor:
+    """grad_w (X^T X / b + lam I)^-1 per group in ``dtype`` (lam floored as ``_spd_solve_right`` says).
 
     Without ``grad_w`` the ordinary weight gradient is accumulated here as grad_z^T X, on the rows built anyway.
     """
@@ -173,25 +176,20 @@ def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Option
         packed = torch.cat([gram.flatten(), gram.new_tensor([b])])
         dist.all_reduce(packed)
         gram, b = packed[:-1].view_as(gram), packed[-1]
-    gram = gram / b
-    gram.diagonal(dim1=-2, dim2=-1).add_(lam)
-    out, ok = _spd_solve_right(gw, gram, robust)
-    return out.reshape(shape), ok
+    return _spd_solve_right(gw, gram / b, lam).reshape(shape)
 
 
 def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size,
-                    dtype: torch.dtype, robust: bool) -> Tuple[Tensor, Tensor]:
-    """(The TrAct weight gradient through a (b, b) system, for b < n; ok): see ``_spd_solve_right``.
+                    dtype: torch.dtype) -> Tensor:
+    """The TrAct weight gradient through a (b, b) system, for b < n (b lam floored as ``_spd_solve_right`` says).
 
     grad_z^T X (X^T X / b + lam I)^-1 = b grad_z^T (X X^T + b lam I)^-1 X (push-through identity), which unlike the
     textbook Woodbury form subtracts nothing, so it keeps float32 accuracy when X X^T dominates b lam.
     """
     rows = _rows(x, geo, 0, x.shape[0], dtype)  # (g, b, n)
     b = rows.shape[1]
-    kernel = rows @ rows.mT
-    kernel.diagonal(dim1=-2, dim2=-1).add_(b * lam)
-    solved, ok = _spd_solve_right(rows.mT, kernel, robust)  # X^T K^-1, (g, n, b)
-    return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape), ok
+    solved = _spd_solve_right(rows.mT, rows @ rows.mT, b * lam)  # X^T K^-1, (g, n, b)
+    return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape)
 
 
 def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
@@ -213,13 +211,9 @@ def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: T
 
 @contextlib.contextmanager
 def _full_float32():
-    """Full float32 for TrAct's own products in eager mode, whatever the matmul precision (train.py, like timm, lets
-    float32 matmuls use TF32 on Ampere+ GPUs): with TF32's 10-bit mantissa the Gram's rounding would be far above
-    lambda's 0.1 and the Cholesky solve would no longer be TrAct's. A compiled graph keeps the precision it was
-    compiled with."""
-    if torch.compiler.is_compiling():
-        yield
-        return
+    """Full float32 for TrAct's own products, whatever the matmul precision (train.py, like timm, lets float32 matmuls
+    use TF32 on Ampere+ GPUs): with TF32's 10-bit mantissa the Gram's rounding would be far above lambda's 0.1 and the
+    Cholesky solve would no longer be TrAct's."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -228,29 +222,29 @@ def _full_float32():
         torch.set_float32_matmul_precision(previous)
 
 
-def _tract_weight_grad(ctx, grad_z: Tensor, x: Tensor, weight: Tensor, geo: Optional[_Geometry],
-                       gw: Optional[Tensor], woodbury: bool, sync: bool) -> Tensor:
-    """TrAct's weight gradient from the saved input and grad_z (``gw``: the ordinary one, when already computed)."""
-    grad_rows = grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1])
+@torch.library.custom_op("tract::weight_grad", mutates_args=())
+def _weight_grad(grad_z: Tensor, x: Tensor, grad_w: Optional[Tensor], shape: List[int], kernel: List[int],
+                 stride: List[int], pads: List[int], dilation: List[int], groups: int, lam: float, woodbury: bool,
+                 sync: bool) -> Tensor:
+    """TrAct's weight gradient from the saved input and grad_z (``grad_w``: the ordinary one, when already computed).
+
+    An operator of its own, so that torch.compile calls it as one opaque kernel: inside, autocast is off and the
+    matmul precision is "highest" whatever the compiled graph around it was traced with (dynamo can neither trace an
+    autocast change in a backward nor keep a precision change), and eager and compiled runs compute the same thing.
+    """
+    geo = _Geometry(tuple(kernel), tuple(stride), None, tuple(zip(pads[::2], pads[1::2])), tuple(dilation),
+                    groups) if kernel else None
     # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
     dtype = torch.promote_types(x.dtype, torch.float32)
-    # The fallback (float64, LU) recomputes grad_z^T X too: the fast path's float32 ordinary gradient
-    # carries rounding that (G + lam I)^-1 amplifies by up to 1/lam.
-    fast, ok = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, dtype, False) if woodbury
-                else _gram_tract(gw, grad_rows, x, geo, ctx.lam, weight.shape, sync, dtype, False))
+    with torch.autocast(x.device.type, enabled=False), _full_float32():
+        out = (_woodbury_tract(grad_z, x, geo, lam, torch.Size(shape), dtype) if woodbury else
+               _gram_tract(grad_w, grad_z, x, geo, lam, torch.Size(shape), sync, dtype))
+    return out.contiguous()  # the layout the fake kernel below promises the compiler
 
-    def safe() -> Tensor:
-        out, _ = (_woodbury_tract(grad_rows, x, geo, ctx.lam, weight.shape, torch.float64, True)
-                  if woodbury else
-                  _gram_tract(None, grad_rows, x, geo, ctx.lam, weight.shape, sync, torch.float64, True))
-        return out.to(fast.dtype)
 
-    if torch.compiler.is_compiling():
-        # A graph cannot branch on a device value without a break: both solutions, chosen on the device.
-        # The float64 one then costs every step (slow on GPUs with little float64 throughput).
-        return torch.where(ok, fast, safe())
-    # One host read, at the very end of the backward pass, instead of float64 work every step.
-    return fast if bool(ok) else safe()
+@_weight_grad.register_fake
+def _(grad_z, x, grad_w, shape, kernel, stride, pads, dilation, groups, lam, woodbury, sync):
+    return x.new_empty(shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 class _TrActFunction(torch.autograd.Function):
@@ -285,27 +279,31 @@ class _TrActFunction(torch.autograd.Function):
         # b < n: solve in the (b, b) row space, straight from grad_z, so the ordinary weight gradient is not needed.
         woodbury = need_w and not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
         need_x, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[2]
-        with torch.autocast(grad_z.device.type, enabled=False):
-            gw = None
-            if geo is None:
-                gx = grad_z @ weight if need_x else None
-                gb = grad_z.reshape(-1, grad_z.shape[-1]).sum(0) if need_b else None
-            else:
-                # A grad_z whose items are channels-last (a ViT's patch embedding: flatten + transpose, often a slice
-                # past the class token) has rows that are a view or one cheap copy, and a GEMM on the patches TrAct
-                # builds anyway beats the framework's weight-gradient kernel, which copies it to NCHW first.
-                items_channels_last = len(grad_z) > 0 and grad_z[0].movedim(0, -1).is_contiguous()
-                framework_wgrad = need_w and not woodbury and not items_channels_last
-                # The framework's bias gradient rides along with its weight gradient; alone, a sum is far cheaper.
-                fused_bias = need_b and framework_wgrad
-                gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
-                if need_b and not fused_bias:
-                    # Per item, then over items: fast for NCHW, channels-last and sliced (class-token) layouts alike,
-                    # where one reduction over all but dim 1 is about 15x slower on the strided ones.
-                    gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
-            if need_w:
-                with _full_float32():
-                    gw = _tract_weight_grad(ctx, grad_z, x, weight, geo, gw, woodbury, sync)
+        # No autocast switch here (dynamo cannot trace one in a backward): grad_z and the saved x and weight already
+        # have the layer's compute dtype, so autocast would cast nothing below; the Gram and solve turn it off inside.
+        gw = None
+        if geo is None:
+            gx = grad_z @ weight if need_x else None
+            gb = grad_z.reshape(-1, grad_z.shape[-1]).sum(0) if need_b else None
+        else:
+            # A grad_z whose items are channels-last (a ViT's patch embedding: flatten + transpose, often a slice
+            # past the class token) has rows that are a view or one cheap copy, and a GEMM on the patches TrAct
+            # builds anyway beats the framework's weight-gradient kernel, which copies it to NCHW first.
+            items_channels_last = len(grad_z) > 0 and grad_z[0].movedim(0, -1).is_contiguous()
+            framework_wgrad = need_w and not woodbury and not items_channels_last
+            # The framework's bias gradient rides along with its weight gradient; alone, a sum is far cheaper.
+            fused_bias = need_b and framework_wgrad
+            gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
+            if need_b and not fused_bias:
+                # Per item, then over items: fast for NCHW, channels-last and sliced (class-token) layouts alike,
+                # where one reduction over all but dim 1 is about 15x slower on the strided ones.
+                gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
+        if need_w:
+            gw = _weight_grad(
+                grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1]), x, gw, list(weight.shape),
+                list(geo.kernel) if geo else [], list(geo.stride) if geo else [],
+                [p for pair in geo.pads for p in pair] if geo else [], list(geo.dilation) if geo else [],
+                geo.groups if geo else 1, ctx.lam, woodbury, sync)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
                 gb.to(b_dtype) if gb is not None else None, None, None, None)

@@ -10,10 +10,13 @@ the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` co
 Ctrl-C (SIGINT) does the same and exits 130; a second one stops at once.
 """
 import argparse
+import hashlib
 import os
 import signal
+import tempfile
 from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,8 +24,9 @@ from tract.config import ConfigError, first_process_on_machine
 from tract.data import DatasetError
 from tract.weights import WeightsError
 
-__all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "requested_precision", "check_precision", "set_cuda_speed_flags",
-           "build_accelerator", "cpu_launch", "default_num_workers", "Preemption", "run_cli"]
+__all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
+           "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator", "cpu_launch",
+           "default_num_workers", "Preemption", "run_cli"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -44,6 +48,75 @@ def check_precision(precision: str) -> None:
                           "use --mixed-precision fp16 (the *_v100x8.yaml configs do)")
 
 
+# torch 2.14's PyPI wheel is a CUDA 13 build with kernels from sm_75 (Turing) on; its CUDA 12.6 build ("legacy", the
+# last torch release to have one) still has sm_50-sm_70, and runs on older drivers.
+LEGACY_INDEX_URL = "https://download.pytorch.org/whl/cu126"
+_INSTALL_LEGACY = f"rm -rf .venv && TORCH_INDEX_URL={LEGACY_INDEX_URL} bash scripts/env.sh python train.py --dry-run"
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _has_kernels(capability: Tuple[int, int], arch_list: Sequence[str]) -> bool:
+    """Whether a torch built for ``arch_list`` (``torch.cuda.get_arch_list()``) runs on a GPU of ``capability``.
+
+    Binary code for sm_XY runs on X.Z with Z >= Y; PTX (compute_XY) is compiled by the driver for any newer GPU.
+    """
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = "".join(c for c in number if c.isdigit())
+        if len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if (kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]) or \
+                (kind == "compute" and built <= tuple(capability)):
+            return True
+    return False
+
+
+def check_cuda(precision: str) -> None:
+    """Refuse a GPU launch that cannot run, before anything is built, with the fix in the message.
+
+    A launch configured for GPUs (several processes, or fp16) where torch finds no usable GPU (no GPU, or a driver
+    older than this torch build needs): Accelerate would quietly run each process as its own CPU run. A GPU whose
+    architecture the installed torch has no kernels for (V100, sm_70, under torch's CUDA 13 wheels): the first kernel
+    would fail.
+    """
+    if _truthy(os.environ.get("ACCELERATE_USE_CPU")):
+        return
+    if not torch.cuda.is_available():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if "ACCELERATE_USE_CPU" in os.environ and (world > 1 or precision == "fp16"):  # set by accelerate launch
+            raise ConfigError(
+                f"this launch is configured for GPUs ({world} process(es), mixed precision {precision}), but torch "
+                f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds no usable GPU, so each process "
+                "would train on the CPU alone. Check `nvidia-smi`; with an older driver (or a V100) install torch's "
+                f"CUDA 12.6 build: {_INSTALL_LEGACY} (README, Install); to train on the CPU on purpose, launch with "
+                "--cpu")
+        return
+    arch_list = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(index)
+        if _has_kernels(capability, arch_list):
+            continue
+        name, sm = torch.cuda.get_device_name(index), f"sm_{capability[0]}{capability[1]}"
+        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (README, Install)"
+               if capability < (7, 5) else
+               f"install a torch build whose torch.cuda.get_arch_list() has {sm} (https://pytorch.org/get-started)")
+        raise ConfigError(f"GPU {index}, {name} ({sm}), has no kernels in torch {torch.__version__}, which was built "
+                          f"for {' '.join(arch_list) or 'no GPU'}: {fix}")
+
+
+def check_world_size(accelerator) -> None:
+    """Refuse a launch whose processes Accelerate does not see as one run (WORLD_SIZE processes started)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(f"the launcher started {launched} processes, but Accelerate runs {accelerator.num_processes} "
+                          f"({accelerator.distributed_type}): each would train alone. Launch with `accelerate launch` "
+                          "and a config of launch/accelerate/ whose processes match the GPUs, or with --cpu")
+
+
 def set_cuda_speed_flags(tf32: bool, cudnn_benchmark: bool) -> None:
     """timm's train.py settings: TF32 float32 matmuls/convolutions, cuDNN autotuning (no-ops without CUDA)."""
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
@@ -55,18 +128,23 @@ def build_accelerator(args: argparse.Namespace):
     """Create the Accelerator: gradient accumulation, the process-group timeout, and precision only if asked.
 
     An explicit mixed_precision would override the launcher's setting, so it is passed only when the user set one.
-    On CUDA, TF32 and cuDNN autotuning are set as ``--tf32`` / ``--cudnn-benchmark`` say.
+    On CUDA, TF32 and cuDNN autotuning are set as ``--tf32`` / ``--cudnn-benchmark`` say. A launch that cannot run
+    on its GPUs, or whose processes Accelerate does not join into one run, is refused first (``check_cuda``,
+    ``check_world_size``).
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    check_cuda(requested_precision(args))
     check_precision(requested_precision(args))
     if torch.cuda.is_available():
         set_cuda_speed_flags(args.tf32, args.cudnn_benchmark)
     kwargs = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
     # Generous: while rank 0 alone evaluates or saves, the other ranks wait in a collective.
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
-    return Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
+    check_world_size(accelerator)
+    return accelerator
 
 
 def cpu_launch() -> bool:
@@ -150,14 +228,34 @@ class Preemption:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def _first_to_tell(message: str) -> bool:
+    """Whether this process prints ``message``: the first process of this machine's launch to meet it.
+
+    Every process of a launch meets a bad option, so it is told once per machine; an error only some processes meet
+    (a bad image in one process's shard) is told by the process that met it. The processes of one launch on one
+    machine share their parent (the launcher) and agree through an exclusively created file in the temp folder.
+    """
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
+        return True
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}-{os.getppid()}"
+    digest = hashlib.sha256(f"{launch}\n{message}".encode()).hexdigest()[:24]
+    try:
+        os.close(os.open(Path(tempfile.gettempdir()) / f"tract-told-{digest}", os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:  # no writable temp folder: the first process of the machine speaks for all
+        return first_process_on_machine()
+    return True
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str, argv: Optional[Sequence[str]] = None) -> None:
     """Run a script's ``main``: a user error or a diverged run ends with one message and exit status 1, no traceback.
 
-    Every process of a launch meets the same bad option, so only the first process of each machine says it (one
-    message on one machine, not one per GPU); a problem of one machine only, such as its missing data, is still told.
+    The message is printed once per machine by the first process that meets it (``_first_to_tell``); every other
+    process of the launch that meets it exits with status 1 too.
     """
     try:
         main(argv)
     except (ConfigError, DatasetError, WeightsError, FloatingPointError) as e:
         message = f"{prog}: {'' if isinstance(e, FloatingPointError) else 'error: '}{e}"
-        raise SystemExit(message if first_process_on_machine() else 1) from None
+        raise SystemExit(message if _first_to_tell(message) else 1) from None
