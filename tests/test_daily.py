@@ -285,6 +285,8 @@ def test_epochs_are_numbered_from_1_in_log_messages_checkpoints_and_summary(refe
     best = max(records, key=lambda r: r["test_acc1"])["epoch"]
     assert os.readlink(reference / "checkpoints" / "best") == f"epoch-{best:04d}"
     assert os.readlink(reference / "checkpoints" / "last") == "epoch-0002"
+    with (reference / "summary.csv").open() as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
 
 # ---- 6. launching and one's own data --------------------------------------------------------------------------------
