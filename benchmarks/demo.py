@@ -28,22 +28,22 @@ MAP_CSV = ROOT / "docs" / "results" / "tract_map" / "results.csv"
 
 def map_reading(setting: str, csv_path: Path = MAP_CSV, old_csv: Path = RESULTS) -> str:
     """What the map measured, as sentences: how often TrAct was ahead across its settings, and at ``setting``."""
-    # Every line of the map's table counts, the old main setting (from convergence.py's CSV) too, as in its map.md.
     rows = tract_map.summarise(tract_map.load_rows(csv_path), load_rows(old_csv))
     if not any(x["setting"] in tract_map.SETTINGS for x in rows):
         return (f"The map has no results yet ({csv_path} is missing or empty): run benchmarks/tract_map.py, or this "
                 "demo with other --seed values, before reading a one-seed gap as an effect.")
-    ahead, behind = sum(x["low"] > 0 for x in rows), sum(x["high"] < 0 for x in rows)
-    text = (f"Across the map's {len(rows)} settings (benchmarks/tract_map.py, TrAct - vanilla paired by seed, 95% "
-            f"bootstrap intervals), TrAct was ahead (interval above 0) in {ahead}, behind (below 0) in {behind} and "
-            f"undecided in {len(rows) - ahead - behind}; its mean was ahead in {sum(x['diff'] > 0 for x in rows)} of "
-            f"{len(rows)}.")
+    t = tract_map.tally(rows)  # the map's own count: distinct settings with enough seeds for an interval
+    text = (f"Across the map's {t['settings']} distinct settings with at least {tract_map.MIN_SEEDS} seeds "
+            f"(benchmarks/tract_map.py, TrAct - vanilla paired by seed, 95% bootstrap intervals), TrAct was ahead "
+            f"(interval above 0) in {t['ahead']}, behind (below 0) in {t['behind']} and undecided in "
+            f"{t['undecided']}; its mean was ahead in {t['mean_ahead']}.")
     here = next((x for x in rows if x["setting"] == setting), None)
     if here is None:
         return text + f" The map has no finished pair for this setting ({setting}) yet."
-    return text + (f" At this setting ({here['change']}) the map measured {here['diff']:+.2f} points "
-                   f"[{here['low']:+.2f}, {here['high']:+.2f}] over {here['n']} seeds, TrAct ahead on {here['ahead']} "
-                   f"of them: one seed's gap above is one draw from that spread.")
+    spread = f" [{here['low']:+.2f}, {here['high']:+.2f}]" if here["n"] >= tract_map.MIN_SEEDS else ""
+    return text + (f" At this setting ({here['change']}) the map measured {here['diff']:+.2f} points{spread} "
+                   f"over {here['n']} seeds, TrAct ahead on {here['ahead']} of them: one seed's gap above is one "
+                   "draw from that spread.")
 
 
 def with_values(cmd: List[str], values: Dict[str, Optional[int]]) -> List[str]:

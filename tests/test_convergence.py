@@ -117,14 +117,18 @@ def write_map_csv(path, results):
 
 def test_demo_reads_how_often_tract_was_ahead_across_the_map_and_at_its_setting(tmp_path):
     path = tmp_path / "results.csv"
-    write_map_csv(path, {("centre", "vanilla"): [50.0, 52.0], ("centre", "tract"): [53.0, 55.0],      # +3, +3
-                         ("patch8", "vanilla"): [50.0, 50.0], ("patch8", "tract"): [48.0, 47.0],      # -2, -3
-                         ("gray", "vanilla"): [40.0, 40.0], ("gray", "tract"): [41.0, 38.0]})         # +1, -2
+    write_map_csv(path, {("centre", "vanilla"): [50.0, 52.0, 51.0], ("centre", "tract"): [53.0, 55.0, 54.0],  # +3 x3
+                         ("patch8", "vanilla"): [50.0, 50.0, 50.0], ("patch8", "tract"): [48.0, 47.0, 48.0],  # -2,-3,-2
+                         ("gray", "vanilla"): [40.0, 40.0, 40.0], ("gray", "tract"): [41.0, 38.0, 40.0],      # +1,-2,0
+                         ("aug-weak", "vanilla"): [50.0, 52.0, 51.0], ("aug-weak", "tract"): [53.0, 55.0, 54.0],
+                         ("smooth", "vanilla"): [40.0, 40.0], ("smooth", "tract"): [45.0, 45.0]})  # 2 seeds
     text = demo.map_reading("centre", path, tmp_path / "no-old.csv")
-    assert ("Across the map's 3 settings" in text and "ahead (interval above 0) in 1, behind (below 0) in 1 and "
-            "undecided in 1; its mean was ahead in 1 of 3." in text)
-    assert "At this setting (the centre setting) the map measured +3.00 points [+3.00, +3.00] over 2 seeds, TrAct " \
-           "ahead on 2 of them" in text
+    # aug-weak is the centre's run and smooth has 2 seeds: neither is counted.
+    assert ("Across the map's 3 distinct settings with at least 3 seeds" in text and "ahead (interval above 0) in 1, "
+            "behind (below 0) in 1 and undecided in 1; its mean was ahead in 1." in text)
+    assert "At this setting (the centre setting) the map measured +3.00 points [+3.00, +3.00] over 3 seeds, TrAct " \
+           "ahead on 3 of them" in text
+    assert "measured +5.00 points over 2 seeds" in demo.map_reading("smooth", path, tmp_path / "no-old.csv")
     assert "no finished pair for this setting (lr-low)" in demo.map_reading("lr-low", path, tmp_path / "no-old.csv")
     assert demo.map_reading("centre", tmp_path / "missing.csv", tmp_path / "no-old.csv").startswith(
         "The map has no results yet")
