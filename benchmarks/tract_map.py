@@ -244,7 +244,7 @@ def plot(lines: List[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 0.36 * len(lines) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.36 * len(lines) + 1.4))
     y = np.arange(len(lines))[::-1]
     for yi, x in zip(y, lines):
         if x["n"] < MIN_SEEDS:  # a hollow point: too few seeds for an interval
@@ -256,8 +256,8 @@ def plot(lines: List[dict], path: Path) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [f"{x['setting']} ({x['factor']}{', ' + str(x['n']) + ' seed(s)' if x['n'] < MIN_SEEDS else ''})"
                       for x in lines])
-    ax.set_xlabel("TrAct - vanilla, test top-1 points (mean over seeds, 95% bootstrap interval, paired by seed)")
-    ax.set_title("Where TrAct helps: Fashion-MNIST, one factor at a time around the centre")
+    ax.set_xlabel("TrAct - vanilla, test top-1 points\n(mean over seeds, paired by seed; 95% bootstrap interval)")
+    ax.set_title("Where TrAct helps (Fashion-MNIST map)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
