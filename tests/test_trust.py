@@ -572,7 +572,7 @@ def test_rewinding_a_run_into_itself_is_refused_unless_asked_then_the_later_time
                                                                                                   tmp_path, capsys):
     out = copy_run(two_epoch_run[0], tmp_path / "run")
     argv = [*resume_argv(two_epoch_run[1], out)[:-1], str(out / "checkpoints" / "epoch-0001")]
-    with pytest.raises(ConfigError, match=r"would rewind the run .* to epoch-0001.*epoch-0002.*logged epochs \(1\).*"
+    with pytest.raises(ConfigError, match=r"would rewind the run .* to epoch-0001.*epoch-0002.*logged epochs \(2\).*"
                                           r"--rewind"):
         train.main(argv)
     assert len(log_lines(out)) == 2
@@ -580,7 +580,7 @@ def test_rewinding_a_run_into_itself_is_refused_unless_asked_then_the_later_time
     aside = [p for p in out.iterdir() if p.name.startswith("rewound-")]
     assert len(aside) == 1 and f"in {aside[0]}" in capsys.readouterr().out
     assert os.listdir(aside[0] / "checkpoints") == ["epoch-0002"]
-    assert [line["epoch"] for line in log_lines(aside[0])] == [0, 1]
+    assert [line["epoch"] for line in log_lines(aside[0])] == [1, 2]  # epochs numbered from 1
     # the epoch trained again is the uninterrupted run's: one timeline, nothing mixed
     assert record(out) == record(two_epoch_run[0])
     assert same_weights(out / "model.safetensors", two_epoch_run[0] / "model.safetensors")
@@ -606,7 +606,7 @@ def test_resume_follows_last_not_a_newer_checkpoint_of_another_timeline(two_epoc
 
 def dataset_hook(monkeypatch, on_read):
     """train.py's training set calls on_read(n) at its n-th image read."""
-    build = train.build_dataset
+    build = tract.data.build_dataset
 
     class Hooked(torch.utils.data.Dataset):
         def __init__(self, dataset):
@@ -624,7 +624,7 @@ def dataset_hook(monkeypatch, on_read):
         dataset, classes = build(name, root, is_train, *args, **kwargs)
         return (Hooked(dataset) if is_train else dataset), classes
 
-    monkeypatch.setattr(train, "build_dataset", build_hooked)
+    monkeypatch.setattr(tract.data, "build_dataset", build_hooked)
 
 
 @pytest.mark.parametrize("then", ["deleted", "replaced by another run"])
@@ -908,7 +908,7 @@ def test_torchs_unexpected_pos_is_told_as_a_full_disk(two_epoch_run, tmp_path, m
 
 # ---- a kill at any point of the start-up leaves a folder that the message's command continues -----------------------
 
-@pytest.mark.parametrize("owner,name", [("tract.config", "save_args"), ("train", "build_dataset")])
+@pytest.mark.parametrize("owner,name", [("tract.config", "save_args"), ("tract.data", "build_dataset")])
 def test_a_kill_during_start_up_leaves_a_folder_the_told_command_continues(killed_reference, tmp_path, owner, name):
     reference, argv = killed_reference
     out = tmp_path / "run"

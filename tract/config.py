@@ -305,14 +305,16 @@ def _dests(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in ("help", "config") and a.default != argparse.SUPPRESS}
 
 
-def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> Dict[str, Any]:
-    """Read a YAML config and check it against the parser: unknown keys and bad values are ConfigErrors."""
+def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None, *, fix: Optional[str] = None,
+                follow: bool = True) -> Dict[str, Any]:
+    """Read a YAML config and check it against the parser: unknown keys and bad values are ConfigErrors. ``fix``
+    ends the message of a file that cannot be read; ``follow=False`` refuses a link (a run folder's own file)."""
     from tract.safe_files import read_yaml
 
     parser = parser or get_args_parser()
     # bounded (size, nesting, YAML aliases expanded): a config, or a run's args.yaml, cannot exhaust memory
-    fix = "fix or replace the file (python train.py --help lists the keys)"
-    cfg = read_yaml(Path(path), follow=True, fix=fix) or {}
+    fix = fix or "fix or replace the file (python train.py --help lists the keys)"
+    cfg = read_yaml(Path(path), follow=follow, fix=fix) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path} must be a mapping of argument names to values")
     actions = _dests(parser)
@@ -380,7 +382,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     run_args = find_run_args(known.resume) if known.resume and Path(known.resume).expanduser().is_dir() else None
     saved = {}
     if run_args is not None:  # the run continues as it was started: its own arguments are the base
-        saved = {k: v for k, v in load_config(str(run_args), parser).items() if k not in RUN_CONTROL}
+        fix = (f"it is not the args.yaml train.py writes. Restore it, or delete it and rerun the command with "
+               f"--resume {run_args.parent} (the command line then gives the run's options)")
+        saved = {k: v for k, v in load_config(str(run_args), parser, fix=fix, follow=False).items()
+                 if k not in RUN_CONTROL}
         parser.set_defaults(**saved)
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))

@@ -201,7 +201,7 @@ def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
 
     position = name_position(checkpoint.name)
     later = [n for n in checkpoint_names(run / "checkpoints") if name_position(n) > position]
-    logged = [r["epoch"] for r in read_log(run / "log.txt") if r["epoch"] >= position[0]]
+    logged = [r["epoch"] for r in read_log(run / "log.txt") if r["epoch"] > position[0]]  # numbered from 1
     return later, logged
 
 

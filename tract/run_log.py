@@ -9,6 +9,8 @@ import csv
 import io
 import json
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -120,6 +122,7 @@ class RunLog:
                 except OSError as e:
                     raise write_failed(self.path, e, self.path.parent) from None
             resume_step = resume_step if resume_epoch is not None else None
+            _quiet_tensorboard_thread()
             self.writer = SummaryWriter(log_dir=str(output_dir),
                                         purge_step=None if resume_step is None else resume_step + 1)
             if hparams is not None and not resume_step:  # once per run: at its start (step 0)
@@ -164,14 +167,46 @@ class RunLog:
         """Per-update TensorBoard scalars (``update/loss``, ``update/lr``, ``update/grad_norm``), as (step, values)."""
         if self.writer is None:
             return
+        from tract.run_folder import check_still_held
+
+        check_still_held(self.path.parent)  # TensorBoard appends by path: never into a folder this run lost
         for step, values in rows:
             for key, value in values.items():
                 self.writer.add_scalar(f"update/{key}", value, step)
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
-        if self.writer is not None:
+        """Flush and close the TensorBoard writer (abandoned, unflushed, when the run lost its folder). Its failure (a
+        full disk: a background thread appends the events) is one message, never raised over an error in flight."""
+        if self.writer is None:
+            return
+        from tract.run_folder import RunFolderLost, check_still_held
+
+        raising = sys.exc_info()[1] is not None  # called from a `finally` while another error propagates
+        try:
+            check_still_held(self.path.parent)
+        except RunFolderLost:
+            return  # nothing more goes into a folder that is no longer this run's; the error raised says so
+        try:
             self.writer.close()
+        except OSError as e:
+            if not raising:
+                raise write_failed(self.path.parent, e, self.path.parent) from None
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard appends events from a background thread, which prints a traceback when a write fails (a full
+    disk) and keeps the error for the main thread's next write or close, where RunLog tells it as one message: the
+    thread's own traceback is left out. Other threads' errors go to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "_tract", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook._tract = True
+    threading.excepthook = hook
 
 
 def _summary_lines(records: Sequence[Dict[str, Any]], header: bool) -> str:
