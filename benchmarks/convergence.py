@@ -236,18 +236,21 @@ def plan(cfg: argparse.Namespace, rows: List[dict]) -> List[Tuple[str, Run]]:
     return runs
 
 
-def load_rows(path: Path) -> List[dict]:
-    """The finished runs recorded in a results CSV."""
+def read_csv(path: Path, floats: Sequence[str] = (), ints: Sequence[str] = ()) -> List[dict]:
+    """The rows of a benchmark's results CSV (none when it does not exist yet), the named columns as numbers."""
     if not path.exists():
         return []
     with open(path) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for k in ("lr", "lam", "acc1", "acc5", "wall_s", "images_per_sec"):
-            r[k] = float(r[k])
-        for k in ("budget", "seed"):
-            r[k] = int(r[k])
+        r.update({k: float(r[k]) for k in floats})
+        r.update({k: int(r[k]) for k in ints})
     return rows
+
+
+def load_rows(path: Path) -> List[dict]:
+    """The finished runs recorded in a results CSV."""
+    return read_csv(path, ("lr", "lam", "acc1", "acc5", "wall_s", "images_per_sec"), ("budget", "seed"))
 
 
 def row_key(r) -> str:

@@ -44,6 +44,7 @@ The protocol, written down (and committed) before any of its runs:
 import argparse
 import csv
 import math
+import shutil
 import sys
 import threading
 import time
@@ -55,6 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import load_rows as load_convergence_rows  # noqa: E402
+from convergence import read_csv  # noqa: E402
 from convergence import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,15 +133,7 @@ def command(setting: str, arm: str, seed: int, output_dir: Path) -> List[str]:
 
 def load_rows(path: Path) -> List[dict]:
     """The finished runs of the map's CSV."""
-    if not path.exists():
-        return []
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["seed"] = int(r["seed"])
-        for k in ("acc1", "acc5", "wall_s"):
-            r[k] = float(r[k])
-    return rows
+    return read_csv(path, ("acc1", "acc5", "wall_s"), ("seed",))
 
 
 def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: int) -> None:
@@ -154,8 +148,6 @@ def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: 
     def one(item):
         setting, arm, seed = item
         folder = out_dir / "runs" / f"{setting}-{arm}-s{seed}"
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over: a minute or two at most
         start = time.perf_counter()
         try:
