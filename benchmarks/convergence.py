@@ -248,6 +248,16 @@ def read_csv(path: Path, floats: Sequence[str] = (), ints: Sequence[str] = ()) -
     return rows
 
 
+def append_csv(path: Path, row: dict, fields: Sequence[str]) -> None:
+    """Append one finished run to a results CSV as soon as it ends (the header first when the file is new)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def load_rows(path: Path) -> List[dict]:
     """The finished runs recorded in a results CSV."""
     return read_csv(path, ("lr", "lam", "acc1", "acc5", "wall_s", "images_per_sec"), ("budget", "seed"))
@@ -291,12 +301,7 @@ def execute(cfg: argparse.Namespace) -> List[dict]:
                "wall_s": round(wall, 1), "images_per_sec": round(float(np.median([r["images_per_sec"] for r in log])),
                                                                    1),
                "updates_per_epoch": cfg.updates_per_epoch or "all"}
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv(csv_path, row, FIELDS)
         rows = load_rows(csv_path)
         print(f"[{len(done) + 1}/{len(done) + len(todo)}] {study:9s} {run.name():48s} top-1 {last['test_acc1']:6.2f}%"
               f"  {wall:5.0f} s", flush=True)

@@ -42,7 +42,6 @@ The protocol, written down (and committed) before any of its runs:
   is dropped: every finished run is in the CSV and the table.
 """
 import argparse
-import csv
 import math
 import shutil
 import sys
@@ -56,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import load_rows as load_convergence_rows  # noqa: E402
-from convergence import read_csv  # noqa: E402
+from convergence import append_csv, read_csv  # noqa: E402
 from convergence import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,12 +160,7 @@ def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: 
         row = {"setting": setting, "arm": arm, "seed": seed, "acc1": last["test_acc1"], "acc5": last["test_acc5"],
                "wall_s": round(wall, 1)}
         with lock:
-            new = not csv_path.exists()
-            with open(csv_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_csv(csv_path, row, FIELDS)
             count[0] += 1
             print(f"[{count[0]}/{len(todo)}] {setting:14s} {arm:7s} seed {seed}  top-1 {row['acc1']:6.2f}%  "
                   f"{wall:5.0f} s", flush=True)

@@ -342,13 +342,12 @@ def test_a_worker_error_reaches_the_user_as_its_one_line(tmp_path):
     assert str(e.value) == "cannot read image /x/0.png (OSError: truncated): replace or delete the file"
 
 
-def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_named(tiny_imagefolder, tmp_path,
-                                                                                 monkeypatch):
-    out = tmp_path / "run"
-    train.main(tiny_run(tiny_imagefolder, out))  # epoch-0001, good
+def dataset_hook(monkeypatch, on_read):
+    """train.py's training set calls on_read(n, (image, label)) at its n-th image read and returns what it returns
+    (None: the sample unchanged)."""
     build = tract.data.build_dataset
 
-    class NanThenSignal(torch.utils.data.Dataset):
+    class Hooked(torch.utils.data.Dataset):
         def __init__(self, dataset):
             self.dataset, self.reads = dataset, 0
 
@@ -357,16 +356,28 @@ def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_name
 
         def __getitem__(self, i):
             self.reads += 1
-            image, label = self.dataset[i]
-            if self.reads == 12:
-                os.kill(os.getpid(), signal.SIGUSR1)  # preempted at update 3, after NaN at update 2
-            return (image * float("nan") if self.reads > 4 else image), label
+            sample = self.dataset[i]
+            changed = on_read(self.reads, sample)
+            return sample if changed is None else changed
 
-    def build_broken(name, root, is_train, *args, **kwargs):
+    def build_hooked(name, root, is_train, *args, **kwargs):
         dataset, classes = build(name, root, is_train, *args, **kwargs)
-        return (NanThenSignal(dataset) if is_train else dataset), classes
+        return (Hooked(dataset) if is_train else dataset), classes
 
-    monkeypatch.setattr(tract.data, "build_dataset", build_broken)
+    monkeypatch.setattr(tract.data, "build_dataset", build_hooked)
+
+
+def test_non_finite_weights_are_never_checkpointed_and_the_last_good_one_is_named(tiny_imagefolder, tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "run"
+    train.main(tiny_run(tiny_imagefolder, out))  # epoch-0001, good
+    def nan_then_signal(n, sample):
+        if n == 12:
+            os.kill(os.getpid(), signal.SIGUSR1)  # preempted at update 3, after NaN at update 2
+        image, label = sample
+        return (image * float("nan") if n > 4 else image), label
+
+    dataset_hook(monkeypatch, nan_then_signal)
     with pytest.raises(FloatingPointError, match=r"not finite.*nothing was saved.*epoch-0001"):
         train.main(tiny_run(tiny_imagefolder, out, "--epochs", "2", "--resume", str(out)))
     assert os.readlink(out / "checkpoints" / "last") == "epoch-0001"
@@ -604,29 +615,6 @@ def test_resume_follows_last_not_a_newer_checkpoint_of_another_timeline(two_epoc
     assert record(out) == record(two_epoch_run[0])
 
 
-def dataset_hook(monkeypatch, on_read):
-    """train.py's training set calls on_read(n) at its n-th image read."""
-    build = tract.data.build_dataset
-
-    class Hooked(torch.utils.data.Dataset):
-        def __init__(self, dataset):
-            self.dataset, self.reads = dataset, 0
-
-        def __len__(self):
-            return len(self.dataset)
-
-        def __getitem__(self, i):
-            self.reads += 1
-            on_read(self.reads)
-            return self.dataset[i]
-
-    def build_hooked(name, root, is_train, *args, **kwargs):
-        dataset, classes = build(name, root, is_train, *args, **kwargs)
-        return (Hooked(dataset) if is_train else dataset), classes
-
-    monkeypatch.setattr(tract.data, "build_dataset", build_hooked)
-
-
 @pytest.mark.parametrize("then", ["deleted", "replaced by another run"])
 def test_a_run_whose_folder_is_deleted_while_it_trains_stops_with_one_message_and_writes_nothing(
         tiny_imagefolder, tmp_path, monkeypatch, then):
@@ -636,7 +624,7 @@ def test_a_run_whose_folder_is_deleted_while_it_trains_stops_with_one_message_an
 
     out = tmp_path / "run"
 
-    def remove(n):
+    def remove(n, sample):
         if n == 10:
             shutil.rmtree(out)
             if then != "deleted":  # what `--resume out` of a second run makes: the folder and its own lock
