@@ -39,15 +39,21 @@ import csv
 import json
 import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import reach_budget, speedup  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,27 +130,6 @@ def train(cmd: List[str], output_dir: Path, threads: int = 1) -> List[dict]:
 
 
 # ---- statistics
-
-
-def reach_budget(budgets: Sequence[float], means: Sequence[float], target: float) -> Tuple[Optional[float], bool]:
-    """(E*, bound): the smallest budget where the mean curve reaches ``target``, log-linear between budgets.
-
-    E* is None when the curve never reaches the target; ``bound`` is True when the smallest budget already does (E*
-    is then that budget, an upper bound on the true E*).
-    """
-    if means[0] >= target:
-        return float(budgets[0]), True
-    for (e0, a0), (e1, a1) in zip(zip(budgets, means), zip(budgets[1:], means[1:])):
-        if a0 < target <= a1:
-            t = (target - a0) / (a1 - a0)
-            return float(math.exp(math.log(e0) + t * (math.log(e1) - math.log(e0)))), False
-    return None, False
-
-
-def speedup(budgets: Sequence[float], base_means: Sequence[float], tract_means: Sequence[float]) -> float:
-    """budget_max / E* for TrAct against the baseline's mean at budget_max; 0 when never reached."""
-    e_star, _ = reach_budget(budgets, tract_means, base_means[-1])
-    return budgets[-1] / e_star if e_star else 0.0
 
 
 def interval(samples) -> Tuple[float, float]:
@@ -248,14 +233,51 @@ def read_csv(path: Path, floats: Sequence[str] = (), ints: Sequence[str] = ()) -
     return rows
 
 
-def append_csv(path: Path, row: dict, fields: Sequence[str]) -> None:
-    """Append one finished run to a results CSV as soon as it ends (the header first when the file is new)."""
+PROVENANCE = ("commit", "utc", "command", "machine", "torch", "timm")  # on every row of every benchmark's CSV
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def machine() -> str:
+    """This machine in words: CPU model, cores, and the GPU when torch sees one (read without importing torch)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True) if shutil.which("nvidia-smi") else None
+    gpus = gpu.stdout.strip().splitlines() if gpu and gpu.returncode == 0 else []
+    return f"{cpu}, {os.cpu_count()} cores" + (f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU")
+
+
+def provenance(cmd: Sequence[str]) -> dict:
+    """Where a result came from: the code's commit (+dirty when tracked files differ from it), the UTC time, the exact
+    train.py command (paths relative to the repository), the machine and the torch/timm versions."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    command = shlex.join("python" if c == sys.executable else c.replace(f"{ROOT}/", "") for c in cmd)
+    return {"commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
+            "machine": machine(), "torch": version("torch"), "timm": version("timm")}
+
+
+def append_csv(path: Path, row: dict, fields: Sequence[str], cmd: Sequence[str]) -> None:
+    """Append one finished run, with its provenance, to a results CSV as soon as it ends (the header first when the
+    file is new); a file with other columns is refused rather than mixed."""
+    fields = [*fields, *PROVENANCE]
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            raise ValueError(f"{path} has the columns {header}, not {fields}: write to a new file (--out-dir)")
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow(row)
+        writer.writerow({**row, **provenance(cmd)})
 
 
 def load_rows(path: Path) -> List[dict]:
@@ -301,7 +323,8 @@ def execute(cfg: argparse.Namespace) -> List[dict]:
                "wall_s": round(wall, 1), "images_per_sec": round(float(np.median([r["images_per_sec"] for r in log])),
                                                                    1),
                "updates_per_epoch": cfg.updates_per_epoch or "all"}
-        append_csv(csv_path, row, FIELDS)
+        cmd = train_command(run, cfg.updates_per_epoch, cfg.in_chans, cfg.train_args, folder)
+        append_csv(csv_path, row, FIELDS, cmd)
         rows = load_rows(csv_path)
         print(f"[{len(done) + 1}/{len(done) + len(todo)}] {study:9s} {run.name():48s} top-1 {last['test_acc1']:6.2f}%"
               f"  {wall:5.0f} s", flush=True)

@@ -107,9 +107,9 @@ MIN_SEEDS = 3  # fewer seeds: the mean difference is shown, without an interval 
 FIELDS = ("setting", "arm", "seed", "acc1", "acc5", "wall_s")
 
 
-def train_args(setting: str) -> List[str]:
-    """The train.py arguments of a setting (without arm, seed and output folder)."""
-    flags = {**CENTRE, **SETTINGS[setting][2]}
+def train_args(setting: str, overrides: Optional[Dict[str, object]] = None) -> List[str]:
+    """The train.py arguments of a setting (without arm, seed and output folder), ``overrides`` replacing its flags."""
+    flags = {**CENTRE, **SETTINGS[setting][2], **(overrides or {})}
     flags["--val-interval"] = flags["--epochs"]  # one evaluation, at the end: the map compares final accuracy
     out: List[str] = []
     for flag, value in flags.items():
@@ -123,10 +123,11 @@ def train_args(setting: str) -> List[str]:
     return out
 
 
-def command(setting: str, arm: str, seed: int, output_dir: Path) -> List[str]:
+def command(setting: str, arm: str, seed: int, output_dir: Path, overrides: Optional[Dict[str, object]] = None
+            ) -> List[str]:
     """The full train.py command line of one run."""
     tract = ["--tract", "--tract-lambda", f"{LAMBDA:g}"] if arm == "tract" else ["--no-tract"]
-    return [sys.executable, str(ROOT / "train.py"), *train_args(setting), *tract, "--seed", str(seed),
+    return [sys.executable, str(ROOT / "train.py"), *train_args(setting, overrides), *tract, "--seed", str(seed),
             "--output-dir", str(output_dir)]
 
 
@@ -149,8 +150,9 @@ def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: 
         folder = out_dir / "runs" / f"{setting}-{arm}-s{seed}"
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over: a minute or two at most
         start = time.perf_counter()
+        cmd = command(setting, arm, seed, folder)
         try:
-            log = train(command(setting, arm, seed, folder), folder)
+            log = train(cmd, folder)
         except RuntimeError as e:
             print(e, file=sys.stderr, flush=True)
             return
@@ -160,7 +162,7 @@ def execute(out_dir: Path, settings: Sequence[str], seeds: Sequence[int], jobs: 
         row = {"setting": setting, "arm": arm, "seed": seed, "acc1": last["test_acc1"], "acc5": last["test_acc5"],
                "wall_s": round(wall, 1)}
         with lock:
-            append_csv(csv_path, row, FIELDS)
+            append_csv(csv_path, row, FIELDS, cmd)
             count[0] += 1
             print(f"[{count[0]}/{len(todo)}] {setting:14s} {arm:7s} seed {seed}  top-1 {row['acc1']:6.2f}%  "
                   f"{wall:5.0f} s", flush=True)
