@@ -46,6 +46,11 @@ def sign_flip_pvalue(values: Sequence[float]) -> float:
     return float(np.mean(sums >= observed - 1e-12 * max(1.0, observed)))
 
 
+def anova_pvalue(groups: Sequence[Sequence[float]]) -> float:
+    """The one-way ANOVA p-value of "the groups' means differ" (scipy's f_oneway)."""
+    return float(scipy_stats.f_oneway(*[np.asarray(g, dtype=float) for g in groups]).pvalue)
+
+
 def holm(pvalues: Sequence[float]) -> List[float]:
     """Holm's step-down adjusted p-values (family-wise error), in the input's order."""
     p = np.asarray(pvalues, dtype=float)
@@ -59,14 +64,15 @@ def holm(pvalues: Sequence[float]) -> List[float]:
 
 
 def paired(vanilla: Dict[int, float], tract: Dict[int, float]) -> Optional[dict]:
-    """TrAct - vanilla paired by seed: mean, 95% t-interval, t and exact sign-flip p-values, seeds ahead; None
-    without common seeds."""
+    """TrAct - vanilla paired by seed: the differences, their mean, 95% t-interval, t and exact sign-flip p-values,
+    seeds ahead and each arm's mean; None without common seeds."""
     seeds = sorted(set(vanilla) & set(tract))
     if not seeds:
         return None
     d = [tract[s] - vanilla[s] for s in seeds]
     mean, low, high = t_interval(d)
-    return {"n": len(d), "diff": mean, "low": low, "high": high, "p_t": t_pvalue(d), "p_flip": sign_flip_pvalue(d),
+    return {"n": len(d), "diffs": d, "diff": mean, "low": low, "high": high, "p_t": t_pvalue(d),
+            "p_flip": sign_flip_pvalue(d),
             "ahead": int(sum(x > 0 for x in d)), "vanilla": float(np.mean([vanilla[s] for s in seeds])),
             "tract": float(np.mean([tract[s] for s in seeds]))}
 

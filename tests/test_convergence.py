@@ -122,13 +122,16 @@ def test_demo_reads_how_often_tract_was_ahead_across_the_map_and_at_its_setting(
                          ("gray", "vanilla"): [40.0, 40.0, 40.0], ("gray", "tract"): [41.0, 38.0, 40.0],      # +1,-2,0
                          ("aug-weak", "vanilla"): [50.0, 52.0, 51.0], ("aug-weak", "tract"): [53.0, 55.0, 54.0],
                          ("smooth", "vanilla"): [40.0, 40.0], ("smooth", "tract"): [45.0, 45.0]})  # 2 seeds
-    text = demo.map_reading("centre", path, tmp_path / "no-old.csv")
-    # aug-weak is the centre's run and smooth has 2 seeds: neither is counted.
-    assert ("Across the map's 3 distinct settings with at least 3 seeds" in text and "ahead (interval above 0) in 1, "
-            "behind (below 0) in 1 and undecided in 1; its mean was ahead in 1." in text)
-    assert "At this setting (the centre setting) the map measured +3.00 points [+3.00, +3.00] over 3 seeds, TrAct " \
-           "ahead on 3 of them" in text
+    text = demo.map_reading("centre", path, tmp_path / "no-old.csv", tmp_path / "no-speedup.csv")
+    # aug-weak is the centre's run and smooth has 2 seeds: neither is counted. patch8's differences (-2, -3, -2)
+    # have the t-interval -7/3 +- 4.302653 * sqrt(1/3) / sqrt(3) = [-3.77, -0.90]: below 0.
+    assert ("has 3 distinct settings with at least 3 seeds: the 95% t-interval lies above 0 in 1, below 0 in 1 and "
+            "contains 0 in 1, not adjusted for looking at 3 settings" in text)
+    assert "TrAct's mean was ahead in 1." in text
+    assert "At this setting (the centre setting) the map measured +3.00 points [+3.00, +3.00] (95% t-interval) over " \
+           "3 seeds, TrAct ahead on 3 of them" in text
     assert "measured +5.00 points over 2 seeds" in demo.map_reading("smooth", path, tmp_path / "no-old.csv")
+    assert demo.DEFAULT_SEED != 0 and demo.DEFAULT_SEED not in demo.speedup.GRID_SEEDS  # seeds that chose things
     assert "no finished pair for this setting (lr-low)" in demo.map_reading("lr-low", path, tmp_path / "no-old.csv")
     assert demo.map_reading("centre", tmp_path / "missing.csv", tmp_path / "no-old.csv").startswith(
         "The map has no results yet")

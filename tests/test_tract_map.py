@@ -7,28 +7,31 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stats  # noqa: E402
 import tract_map  # noqa: E402
+from convergence import PROVENANCE  # noqa: E402
 
 
-def test_paired_difference_pairs_by_seed_and_counts_seeds_ahead():
+def test_paired_difference_pairs_by_seed_with_a_t_interval_and_exact_sign_flip_p():
     vanilla = {0: 40.0, 1: 50.0, 2: 60.0, 7: 10.0}  # seed 7 has no TrAct run: not a pair, left out
     tract = {0: 39.0, 1: 52.0, 2: 62.0}
-    s = tract_map.paired(vanilla, tract, n_boot=4000)
+    s = stats.paired(vanilla, tract)
     assert s["n"] == 3 and s["ahead"] == 2
-    assert s["diff"] == pytest.approx((-1 + 2 + 2) / 3)
+    assert s["diff"] == pytest.approx(1.0)
     assert s["vanilla"] == pytest.approx(50.0) and s["tract"] == pytest.approx(51.0)
-    # Resampled means of (-1, 2, 2): the smallest, -1 (all three draws the first seed), has probability 1/27 = 3.7%,
-    # above 2.5%, so it is the interval's low end; the largest, 2, has probability 8/27: the high end.
-    assert s["low"] == pytest.approx(-1.0) and s["high"] == pytest.approx(2.0)
+    # Differences -1, 2, 2: sd = sqrt(3), so the half-width is t(0.975, 2) * sqrt(3) / sqrt(3) = 4.302653.
+    assert (s["low"], s["high"]) == pytest.approx((1 - 4.302653, 1 + 4.302653), rel=1e-6)
+    # Sign patterns of (1, 2, 2) whose |sum| >= 3: (+,+,+), (-,-,-), (-,+,+), (+,-,-): 4 of 8.
+    assert s["p_flip"] == pytest.approx(0.5)
 
 
 def test_paired_interval_of_identical_differences_is_a_point():
-    s = tract_map.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})
+    s = stats.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})
     assert (s["diff"], s["low"], s["high"]) == pytest.approx((0.5, 0.5, 0.5))
 
 
 def test_paired_without_common_seeds_is_none():
-    assert tract_map.paired({0: 1.0}, {1: 2.0}) is None
+    assert stats.paired({0: 1.0}, {1: 2.0}) is None
 
 
 def _flag_values(args, flag):
@@ -74,7 +77,7 @@ def test_execute_runs_only_what_the_csv_lacks_and_report_reads_both_csvs(tmp_pat
 
     monkeypatch.setattr(tract_map, "train", fake_train)
     with open(tmp_path / "results.csv", "w", newline="") as f:  # one run already done
-        w = csv.DictWriter(f, fieldnames=tract_map.FIELDS)
+        w = csv.DictWriter(f, fieldnames=[*tract_map.FIELDS, *PROVENANCE])
         w.writeheader()
         w.writerow({"setting": "centre", "arm": "vanilla", "seed": 0, "acc1": 50.0, "acc5": 90.0, "wall_s": 1.0})
     tract_map.execute(tmp_path, ["centre", "gray", "aug-weak"], [0, 1, 2], jobs=2)
@@ -90,5 +93,8 @@ def test_execute_runs_only_what_the_csv_lacks_and_report_reads_both_csvs(tmp_pat
     # One seed: a mean difference, no interval, and outside the tally; aug-weak is the centre's run: not counted.
     assert "**-3.00** (no interval: 1 seed(s))" in lines["old-main"] and "0/1 |" in lines["old-main"]
     assert "(the same run as centre)" in lines["aug-weak"]
-    assert "Of 2 distinct settings with at least 3 seeds, TrAct is ahead (interval above 0) in 2" in text
+    assert "Of 2 distinct settings with at least 3 seeds, the 95% t-interval of TrAct - vanilla lies above 0 in 2" in text
+    with open(tmp_path / "results.csv") as f:  # every row the map appended carries its provenance
+        appended = list(csv.DictReader(f))[1:]
+    assert appended and all(r["commit"] and r["command"].startswith("python train.py ") for r in appended)
     assert (tmp_path / "map.png").stat().st_size > 0
