@@ -35,27 +35,22 @@ The protocol, fixed before any result was looked at (the README states it too):
   ``resnet`` (ResNet-18 CIFAR stem, Adam and SGD, 3 seeds; off unless ``--resnet``: too slow for 2 CPU cores).
 """
 import argparse
-import csv
 import json
 import math
 import os
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import ROOT, append_csv, read_csv  # noqa: E402
 from stats import reach_budget, speedup  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {  # train.py arguments of each model
     "vit": ["--model", "vit_pico_patch7_28"],
@@ -219,65 +214,6 @@ def plan(cfg: argparse.Namespace, rows: List[dict]) -> List[Tuple[str, Run]]:
                 runs += [("lambda", Run(model, opt, lr, "standardised", lam, cfg.side_budget, s)) for s in side
                          for lam in (0.0, *cfg.sweep)]
     return runs
-
-
-def read_csv(path: Path, floats: Sequence[str] = (), ints: Sequence[str] = ()) -> List[dict]:
-    """The rows of a benchmark's results CSV (none when it does not exist yet), the named columns as numbers."""
-    if not path.exists():
-        return []
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r.update({k: float(r[k]) for k in floats})
-        r.update({k: int(r[k]) for k in ints})
-    return rows
-
-
-PROVENANCE = ("commit", "utc", "command", "machine", "torch", "timm")  # on every row of every benchmark's CSV
-
-
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
-def machine() -> str:
-    """This machine in words: CPU model, cores, and the GPU when torch sees one (read without importing torch)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine()) \
-        if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True) if shutil.which("nvidia-smi") else None
-    gpus = gpu.stdout.strip().splitlines() if gpu and gpu.returncode == 0 else []
-    return f"{cpu}, {os.cpu_count()} cores" + (f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU")
-
-
-def provenance(cmd: Sequence[str]) -> dict:
-    """Where a result came from: the code's commit (+dirty when tracked files differ from it), the UTC time, the exact
-    train.py command (paths relative to the repository), the machine and the torch/timm versions."""
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    command = shlex.join("python" if c == sys.executable else c.replace(f"{ROOT}/", "") for c in cmd)
-    return {"commit": commit, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-            "machine": machine(), "torch": version("torch"), "timm": version("timm")}
-
-
-def append_csv(path: Path, row: dict, fields: Sequence[str], cmd: Sequence[str]) -> None:
-    """Append one finished run, with its provenance, to a results CSV as soon as it ends (the header first when the
-    file is new); a file with other columns is refused rather than mixed."""
-    fields = [*fields, *PROVENANCE]
-    if path.exists():
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != fields:
-            raise ValueError(f"{path} has the columns {header}, not {fields}: write to a new file (--out-dir)")
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerow({**row, **provenance(cmd)})
 
 
 def load_rows(path: Path) -> List[dict]:

@@ -48,8 +48,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
 import tract_map  # noqa: E402
-from convergence import ROOT, append_csv, read_csv, train  # noqa: E402
+from convergence import train  # noqa: E402
+from records import ROOT, append_csv, read_csv, update_block  # noqa: E402
 
+OUT_DIR = ROOT / "docs" / "results" / "speedup"  # the committed results
 SETTINGS = ("centre", "smooth", "patch8")  # in the order they run
 BUDGETS = (3, 6, 12, 24)  # epochs of UPDATES_PER_EPOCH updates
 UPDATES_PER_EPOCH = 47
@@ -270,22 +272,40 @@ def plot(results: List[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(out_dir: Path, settings: Sequence[str] = SETTINGS) -> str:
-    """Write speedup.md and speedup.png from the CSV; return the text."""
+def summary(results: List[dict], rows: List[dict]) -> str:
+    """README's lines: per setting with two or more complete seeds, S, its interval and whether 1.25x is inside."""
+    lines = [f"  - `{r['setting']}`: **S = {format_speedup(r['speedup'])}**, 95% interval [{format_speedup(r['low'])}, "
+             f"{format_speedup(r['high'])}] over {len(r['seeds'])} seeds (baseline's 24-epoch top-1 "
+             f"{r['base_target']:.2f}%); the paper's 1.25x is {'inside' if r['target_inside'] else 'outside'} it."
+             for r in results]
+    main_runs = sum(r["phase"] == "main" for r in rows)
+    planned = len(SETTINGS) * len(SEEDS) * len(ARMS) * len(BUDGETS)
+    lines.append(f"  - Runs so far: {len(rows)} in the CSV ({main_runs} of the {planned} main runs of all three "
+                 "settings); a setting appears above once 2 of its seeds are complete.")
+    return "\n".join(lines)
+
+
+def report(out_dir: Path, settings: Sequence[str] = SETTINGS, docs: bool = False) -> str:
+    """Write speedup.md and speedup.png from the CSV (and, with ``docs``, the blocks of docs/results.md and README);
+    return the text."""
     rows = load_rows(out_dir / "results.csv")
     results = [r for r in (analyse(rows, s) for s in settings) if r]
     text = report_text(results, rows) if rows else "No runs yet."
     (out_dir / "speedup.md").write_text(text + "\n")
     if results:
         plot(results, out_dir / "speedup.png")
+    if docs:
+        update_block(ROOT / "docs" / "results.md", "speedup", text)
+        update_block(ROOT / "README.md", "speedup-summary", summary(results, rows))
     return text
 
 
 def get_args(argv=None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "results" / "speedup",
-                   help="results.csv, speedup.md and speedup.png")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                   help="results.csv, speedup.md and speedup.png (the default's report also rewrites the tables that "
+                        "docs/results.md and README quote)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "output" / "speedup", help="the train.py run folders")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, metavar="NAME",
                    help=f"settings to run, in order (default: {' '.join(SETTINGS)})")
@@ -302,7 +322,7 @@ def main(argv=None) -> None:
     args = get_args(argv)
     if not args.report_only:
         execute(args.out_dir, args.runs_dir, args.settings, args.jobs)
-    print(report(args.out_dir, args.settings))
+    print(report(args.out_dir, args.settings, docs=args.out_dir.resolve() == OUT_DIR.resolve()))
 
 
 if __name__ == "__main__":

@@ -71,11 +71,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import load_rows as load_convergence_rows  # noqa: E402
-from convergence import append_csv, read_csv  # noqa: E402
+from records import append_csv, read_csv, update_block  # noqa: E402
 from convergence import train  # noqa: E402
 import stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "results" / "tract_map"  # the map's committed results, quoted by docs/results.md
 
 CENTRE = {  # train.py flag -> value(s); None = a switch without value
     "--model": "vit_tiny_patch16_224",
@@ -308,14 +309,21 @@ def reading(t: dict) -> str:
     return text
 
 
+def map_text(lines: List[dict]) -> str:
+    """The map's table and its reading, as map.md and docs/results.md hold them."""
+    return table(lines) + "\n\n" + reading(tally(lines)) + "\n"
+
+
 def report(out_dir: Path, old_csv: Path) -> str:
-    """Write map.md and map.png from the CSV; return the table and its reading."""
-    rows = load_rows(out_dir / "results.csv")
-    lines = summarise(rows, load_convergence_rows(old_csv))
-    text = table(lines) + "\n\n" + reading(tally(lines)) + "\n"
+    """Write map.md and map.png from the CSV (for the committed map, also docs/results.md's block); return the table
+    and its reading."""
+    lines = summarise(load_rows(out_dir / "results.csv"), load_convergence_rows(old_csv))
+    text = map_text(lines)
     (out_dir / "map.md").write_text(text)
     if lines:
         plot(lines, out_dir / "map.png")
+    if out_dir.resolve() == COMMITTED.resolve():
+        update_block(ROOT / "docs" / "results.md", "tract_map", text)
     return text
 
 

@@ -4,6 +4,7 @@ run order), and provenance on every CSV row."""
 import csv
 import itertools
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +13,13 @@ import pytest
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import records  # noqa: E402
 import speedup  # noqa: E402
 import stats  # noqa: E402
+import tract_map  # noqa: E402
+from convergence import load_rows as load_convergence_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BUDGETS = speedup.BUDGETS  # 3, 6, 12, 24
 
@@ -145,3 +151,41 @@ def test_execute_records_provenance_and_a_rerun_runs_nothing(tmp_path, monkeypat
     ran.clear()
     speedup.execute(tmp_path, tmp_path / "runs", ["centre"], jobs=1)
     assert ran == []
+
+
+def test_update_block_replaces_only_the_text_between_its_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- begin t -->\n<!-- end t -->\nmiddle\n<!-- begin u -->\nold\n<!-- end u -->\nafter\n")
+    assert records.update_block(doc, "t", "line 1\nline 2\n")
+    assert records.update_block(doc, "u", "new")
+    assert doc.read_text() == ("before\n<!-- begin t -->\nline 1\nline 2\n<!-- end t -->\nmiddle\n<!-- begin u -->\n"
+                               "new\n<!-- end u -->\nafter\n")
+    assert records.block(doc, "t") == "line 1\nline 2" and records.block(doc, "u") == "new"
+    assert not records.update_block(doc, "absent", "x") and not records.update_block(tmp_path / "none.md", "t", "x")
+
+
+def test_the_docs_quote_exactly_what_the_committed_csvs_give():
+    # What a reviewer's --report-only run would write: docs/results.md and README must already say it.
+    doc, readme = ROOT / "docs" / "results.md", ROOT / "README.md"
+    lines = tract_map.summarise(tract_map.load_rows(tract_map.COMMITTED / "results.csv"),
+                                load_convergence_rows(ROOT / "docs" / "results" / "results.csv"))
+    assert records.block(doc, "tract_map") == tract_map.map_text(lines).strip("\n")
+    rows = speedup.load_rows(speedup.OUT_DIR / "results.csv")
+    results = [r for r in (speedup.analyse(rows, s) for s in speedup.SETTINGS) if r]
+    assert records.block(doc, "speedup") == speedup.report_text(results, rows)
+    assert records.block(readme, "speedup-summary") == speedup.summary(results, rows)
+
+
+def test_every_committed_speedup_row_comes_from_the_protocol_commit_or_later():
+    # The protocol (this script and its analysis) was committed before the first run: every row names a clean commit
+    # that descends from the one that added benchmarks/speedup.py.
+    rows = speedup.load_rows(speedup.OUT_DIR / "results.csv")
+    assert rows
+    git = ["git", "-C", str(ROOT)]
+    shallow = subprocess.run([*git, "rev-parse", "--is-shallow-repository"], capture_output=True, text=True)
+    protocol = subprocess.run([*git, "log", "--diff-filter=A", "--format=%H", "--", "benchmarks/speedup.py"],
+                              capture_output=True, text=True, check=True).stdout.split()[-1]
+    for commit in {r["commit"] for r in rows}:
+        assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), commit  # no "+dirty"
+        if shallow.stdout.strip() != "true":  # a shallow clone has no history to check the order against
+            assert subprocess.run([*git, "merge-base", "--is-ancestor", protocol, commit]).returncode == 0, commit

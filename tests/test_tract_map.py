@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stats  # noqa: E402
 import tract_map  # noqa: E402
-from convergence import PROVENANCE  # noqa: E402
+from records import PROVENANCE  # noqa: E402
 
 
 def test_paired_difference_pairs_by_seed_with_a_t_interval_and_exact_sign_flip_p():
