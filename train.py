@@ -20,8 +20,9 @@ from accelerate.utils import set_seed
 
 from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, repair_links,
                               save_checkpoint, settle_resume)
-from tract.config import ConfigError, inactive_tract_options, parse_args
+from tract.config import inactive_tract_options, parse_args
 from tract.data import build_train_data
+from tract.errors import ConfigError
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, lr_warning,
                           scaled_lr, train_one_epoch)
 from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name

@@ -16,17 +16,16 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
-from tract.config import ConfigError, first_process_on_machine
-from tract.data import DatasetError
-from tract.weights import WeightsError
+from tract.config import first_process_on_machine
+from tract.errors import ConfigError, DatasetError, WeightsError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
            "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator", "cpu_launch",
-           "default_num_workers", "Preemption", "run_cli"]
+           "default_num_workers", "Preemption", "run_cli", "on_main"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -145,6 +144,24 @@ def build_accelerator(args: argparse.Namespace):
     accelerator = Accelerator(gradient_accumulation_steps=args.accum_steps, kwargs_handlers=[timeout], **kwargs)
     check_world_size(accelerator)
     return accelerator
+
+
+def on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() run on the main process only, its result given to every process; a ConfigError there is raised on every
+    process, so all stop together."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None, None]  # result, error
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = fn()
+        except ConfigError as e:
+            outcome[1] = e
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def cpu_launch() -> bool:
