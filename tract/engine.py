@@ -9,20 +9,21 @@ import sys
 import time
 from datetime import timedelta
 from types import MappingProxyType
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tract.checkpoint import TrainState
+from tract.checkpoint import TrainState, repair_links
 from tract.errors import ConfigError
 from tract.method import TrAct, find_first_layer
 from tract.models import optimizer_eps
 
 __all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name", "build_optimizer",
            "build_scheduler", "scaled_lr", "lr_warning", "build_criterion", "build_mixup", "mixup_active", "Progress",
-           "train_one_epoch", "evaluate"]
+           "train_one_epoch", "evaluate", "evaluate_and_log", "save_every"]
 
 # DeiT's apex optimizers -> timm's names. timm's lamb clips the global gradient norm at max_grad_norm=1.0 before its
 # update, as apex FusedLAMB does (timm/optim/lamb.py: _get_clip_grad_norm).
@@ -449,3 +450,36 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, channels_last: 
     bar.close()
     loss, top1, top5, count = totals.tolist()
     return {"loss": loss / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count}
+
+
+def evaluate_and_log(number: int, train_stats: Dict[str, float], *, args, model: nn.Module, ema, loader: Iterable,
+                     accelerator, state: TrainState, run_log, checkpoints: Path, n_parameters: int,
+                     log: Callable[[str], None] = print) -> None:
+    """After epoch ``number`` (from 1): evaluate the model (and the EMA) if --val-interval says so, take a better
+    test_acc1 as the best (repointing ``checkpoints/best``), write the epoch's line to ``run_log`` and tell the user."""
+    stats, evaluated = dict(train_stats), number % args.val_interval == 0 or number == args.epochs
+    # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same whether or
+    # not an evaluation ran in between (a resume may or may not have to redo one).
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        for prefix, net in (("test", model), ("test_ema", ema.module if ema is not None else None)):
+            if evaluated and net is not None and (prefix == "test" or args.model_ema_eval):
+                stats.update({f"{prefix}_{k}": v for k, v in evaluate(
+                    net, loader, accelerator, channels_last=args.channels_last, progress=args.progress).items()})
+    if evaluated and stats["test_acc1"] > state.best_acc1:
+        state.best_acc1, state.best_epoch = stats["test_acc1"], number - 1
+        if accelerator.is_main_process:
+            repair_links(checkpoints, state)
+    run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
+    state.pending = {}
+    tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
+              else "not evaluated (--val-interval)")
+    log(f"epoch {number}/{args.epochs}: train_loss {stats['train_loss']:.4f}  {tested}  "
+        f"({stats['epoch_time']:.0f} s, {stats['images_per_sec']:.0f} img/s)  best " +
+        (f"{state.best_acc1:.2f}% (epoch {state.best_epoch + 1})" if state.best_acc1 >= 0 else "none yet"))
+
+
+def save_every(updates: int, state: TrainState, save: Callable[[], Any]) -> None:
+    """train_one_epoch's ``after_update`` for --checkpoint-interval-updates: ``save()`` at every multiple of
+    ``updates`` optimizer updates (never when 0), as preemption saves."""
+    if updates and state.num_updates % updates == 0:
+        save()

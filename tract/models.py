@@ -25,7 +25,7 @@ from tract.weights import load_pretrained
 
 __all__ = ["vit_pico_patch7_28", "vit_cifar_patch4_32", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS",
            "PatchNorm", "add_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
-           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
+           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters", "build_ema"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -252,6 +252,17 @@ def check_patch_grid(model: nn.Module, input_size: int) -> None:
         raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {patch}: the last "
                           f"{input_size % patch} pixel rows and columns would never be seen; pass --input-size "
                           f"{input_size - input_size % patch} or {input_size - input_size % patch + patch}")
+
+
+def build_ema(args: argparse.Namespace, model: nn.Module, device: torch.device):
+    """timm's ModelEmaV3 of ``model`` for --model-ema (None without it); ``model`` is moved to ``device`` first."""
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    # The model on its device first: an EMA built from a model on another device has foreach updates off
+    model.to(device)
+    return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

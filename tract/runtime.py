@@ -16,7 +16,7 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -243,6 +243,12 @@ class Preemption:
             return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def stop(self, where: str, output_dir, log: Callable[[str], None] = print) -> NoReturn:
+        """Say where the run stopped and how to continue it, then exit with ``exit_code``."""
+        log(f"{'interrupted' if self.interrupted else 'preempted'} {where}: exiting with {self.exit_code} (resume with "
+            f"--resume {output_dir}, e.g. python train.py --resume {output_dir})")
+        raise SystemExit(self.exit_code)
 
 
 def _first_to_tell(message: str) -> bool:
