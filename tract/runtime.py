@@ -1,5 +1,5 @@
 """Process setup: the Accelerator (precision, process-group timeout, CUDA speed flags), data-loader workers,
-preemption signals, and how the scripts end on a user error.
+preemption signals, the main process deciding for all (``on_main``), and how the scripts end on a user error.
 
 Preemption contract (SLURM's ``--signal``, ``scancel --signal``, a cluster's SIGTERM before a kill): on SIGUSR1 or
 SIGTERM a process only raises a flag. The training loop asks ``should_stop`` after every optimizer update; in a
