@@ -199,8 +199,8 @@ train.cli(sys.argv[1:])
 # (where, the function entered, its n-th call): inside a save (train state written, manifest not), after the rename
 # before `last`, before pruning, inside the evaluation, before `best`, before the log line, before the weights export.
 KILL_POINTS = [("tract.checkpoint", "_write_json", 1), ("tract.checkpoint", "_write_json", 2),
-               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
-               ("train", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
+               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("tract.engine", "evaluate", 1),
+               ("tract.engine", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
                ("train", "export_weights", 1)]
 
 
@@ -896,7 +896,7 @@ def test_torchs_unexpected_pos_is_told_as_a_full_disk(two_epoch_run, tmp_path, m
 
 # ---- a kill at any point of the start-up leaves a folder that the message's command continues -----------------------
 
-@pytest.mark.parametrize("owner,name", [("tract.config", "save_args"), ("tract.data", "build_dataset")])
+@pytest.mark.parametrize("owner,name", [("tract.run_folder", "save_args"), ("tract.data", "build_dataset")])
 def test_a_kill_during_start_up_leaves_a_folder_the_told_command_continues(killed_reference, tmp_path, owner, name):
     reference, argv = killed_reference
     out = tmp_path / "run"
