@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import train
-from tract.config import ConfigError, command_line_keys, parse_args
+from tract.config import command_line_keys, find_run_args, parse_args
+from tract.errors import ConfigError
 from tract.runtime import run_cli
 from tract.safe_files import read_yaml
-from tract.weights import find_run_args
 
 # DeiT III's finetune recipe (README command for ViT-B at 224 px; recipes.md section 4) without what depends on the
 # dataset, the model or the run length: the configs set those (epochs, warmup, drop path, batch).

@@ -14,17 +14,19 @@ same one, ``checkpoints/last`` is written with the position inside the epoch, an
 OUTPUT`` alone continues from there (the run's args.yaml is its base), skipping the batches already seen.
 """
 import sys
+from functools import partial
 
 import torch
 from accelerate.utils import set_seed
 
-from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, repair_links,
-                              save_checkpoint, settle_resume)
-from tract.config import ConfigError, inactive_tract_options, parse_args
+from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, save_checkpoint,
+                              settle_resume)
+from tract.config import inactive_tract_options, parse_args
 from tract.data import build_train_data
-from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, lr_warning,
-                          scaled_lr, train_one_epoch)
-from tract.models import build_model, count_parameters, plain_state_dict, resolve_model_name
+from tract.errors import ConfigError
+from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, evaluate_and_log,
+                          lr_warning, save_every, scaled_lr, train_one_epoch)
+from tract.models import build_ema, build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
 from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, cpu_launch, run_cli
@@ -71,13 +73,7 @@ def main(argv=None, args=None) -> None:
             return
 
         # ---- onto the devices; the checkpoint's state
-        ema = None
-        if args.model_ema:
-            from timm.utils import ModelEmaV3
-
-            # The model on its device first: an EMA built from a model on another device has foreach updates off
-            model.to(accelerator.device)
-            ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+        ema = build_ema(args, model, accelerator.device)
         if args.torchcompile:  # in place, after the EMA's copy: parameter names and state_dict keys stay timm's
             model.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         model, optimizer, val_loader = accelerator.prepare(model, optimizer, data.val_loader)
@@ -91,10 +87,8 @@ def main(argv=None, args=None) -> None:
                                   f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
                                   "the run's --epochs and batch options, or from another checkpoint")
             say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")
-
-        progress = args.progress
         if args.eval:
-            stats = evaluate(model, val_loader, accelerator, channels_last=args.channels_last, progress=progress)
+            stats = evaluate(model, val_loader, accelerator, channels_last=args.channels_last, progress=args.progress)
             say(f"eval on {len(data.val_set)} images: acc1 {stats['acc1']:.2f}%  acc5 {stats['acc5']:.2f}%  "
                 f"loss {stats['loss']:.4f}")
             return
@@ -102,47 +96,19 @@ def main(argv=None, args=None) -> None:
         resumed = checkpoint is not None or place.continues
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
                          resume_step=state.num_updates, hparams=vars(args))
-
+        save = partial(save_checkpoint, accelerator, checkpoints, state, model=model, ema=ema,
+                       keep=args.checkpoint_hist)
         # Epochs are numbered from 1 wherever a user reads them (log.txt, messages, the checkpoint folder written
         # after epoch N is epoch-000N); `epoch` below is the 0-based index that seeds the data order and schedule.
-        def evaluate_and_log(number: int, train_stats: dict) -> None:
-            """Evaluate the model after epoch ``number`` (if --val-interval says so), log it, repoint ``best``."""
-            stats, evaluated = dict(train_stats), number % args.val_interval == 0 or number == args.epochs
-            # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same
-            # whether or not an evaluation ran in between (a resume may or may not have to redo one).
-            with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                for prefix, net in (("test", model), ("test_ema", ema.module if ema is not None else None)):
-                    if evaluated and net is not None and (prefix == "test" or args.model_ema_eval):
-                        stats.update({f"{prefix}_{k}": v for k, v in evaluate(
-                            net, val_loader, accelerator, channels_last=args.channels_last, progress=progress).items()})
-            if evaluated and stats["test_acc1"] > state.best_acc1:
-                state.best_acc1, state.best_epoch = stats["test_acc1"], number - 1
-                if accelerator.is_main_process:
-                    repair_links(checkpoints, state)
-            run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
-            state.pending = {}
-            tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
-                      else "not evaluated (--val-interval)")
-            say(f"epoch {number}/{args.epochs}: train_loss {stats['train_loss']:.4f}  {tested}  "
-                f"({stats['epoch_time']:.0f} s, {stats['images_per_sec']:.0f} img/s)  best " +
-                (f"{state.best_acc1:.2f}% (epoch {state.best_epoch + 1})" if state.best_acc1 >= 0 else "none yet"))
-
-        def stop_now(where: str) -> None:
-            say(f"{'interrupted' if preemption.interrupted else 'preempted'} {where}: exiting with "
-                f"{preemption.exit_code} (resume with --resume {output_dir}, e.g. python train.py --resume "
-                f"{output_dir})")
-            raise SystemExit(preemption.exit_code)
-
-        def after_update():
-            """The checkpoint every --checkpoint-interval-updates, written as preemption writes it."""
-            if args.checkpoint_interval_updates and state.num_updates % args.checkpoint_interval_updates == 0:
-                save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
+        end_epoch = partial(evaluate_and_log, args=args, model=model, ema=ema, loader=val_loader,
+                            accelerator=accelerator, state=state, run_log=run_log, checkpoints=checkpoints,
+                            n_parameters=n_parameters, log=say)
 
         # ---- the loop
         if checkpoint is not None and settle_resume(accelerator, checkpoints, state, run_log):
-            evaluate_and_log(state.epoch, state.pending)  # a kill came between the checkpoint and its log line
+            end_epoch(state.epoch, state.pending)  # a kill came between the checkpoint and its log line
         if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
-            stop_now("before training started")
+            preemption.stop("before training started", output_dir, log=say)
         try:
             for epoch in range(state.epoch, args.epochs):
                 # resumed inside the epoch: the batches already seen are skipped, unloaded
@@ -152,24 +118,26 @@ def main(argv=None, args=None) -> None:
                         model, loader, optimizer, scheduler, criterion, accelerator, state, data.updates_per_epoch,
                         mixup_fn=mixup_fn, ema=ema, clip_grad=args.clip_grad,
                         should_stop=lambda: preemption.should_stop(accelerator, state.update_in_epoch),
-                        after_update=after_update, channels_last=args.channels_last,
-                        sync_interval=args.sync_interval, progress=progress, log_interval=args.log_interval,
-                        epochs=args.epochs, log_updates=run_log.updates if accelerator.is_main_process else None)
+                        after_update=partial(save_every, args.checkpoint_interval_updates, state, save),
+                        channels_last=args.channels_last, sync_interval=args.sync_interval, progress=args.progress,
+                        log_interval=args.log_interval, epochs=args.epochs,
+                        log_updates=run_log.updates if accelerator.is_main_process else None)
                 except FloatingPointError as e:
                     last = checkpoints / "last"
                     good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "no checkpoint"
                     raise FloatingPointError(f"{e}; {good} (continue with --resume {output_dir} --resume-override "
                                              "and a lower --lr)") from None
                 if train_stats.pop("preempted"):
-                    save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
-                    stop_now(f"at update {state.update_in_epoch} of epoch {epoch + 1} (saved {checkpoints / 'last'})")
+                    save()
+                    preemption.stop(f"at update {state.update_in_epoch} of epoch {epoch + 1} (saved "
+                                    f"{checkpoints / 'last'})", output_dir, log=say)
 
                 # The epoch's checkpoint comes before its evaluation, so an evaluation that fails loses no training.
                 state.epoch, state.update_in_epoch, state.pending = epoch + 1, 0, train_stats
-                save_checkpoint(accelerator, checkpoints, state, model=model, ema=ema, keep=args.checkpoint_hist)
-                evaluate_and_log(state.epoch, train_stats)
+                save()
+                end_epoch(state.epoch, train_stats)
                 if preemption.should_stop(accelerator):  # signalled during eval or saving: the checkpoint is written
-                    stop_now(f"after epoch {state.epoch}")
+                    preemption.stop(f"after epoch {state.epoch}", output_dir, log=say)
         finally:
             run_log.close()
 

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401  (an autouse fixture)
 
 import train
-from tract.config import ConfigError, parse_args
+from tract.config import parse_args
 from tract.engine import SplitOptimizer, build_optimizer, build_scheduler
+from tract.errors import ConfigError
 from tract.models import build_model
 
 VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2",

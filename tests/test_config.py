@@ -4,7 +4,8 @@ import argparse
 import pytest
 import yaml
 
-from tract.config import ConfigError, get_args_parser, parse_args, save_args
+from tract.config import get_args_parser, parse_args, save_args
+from tract.errors import ConfigError
 
 # DeiT III's README command for ViT-S (recipes.md section 3) with its two typos fixed.
 DEIT3_README = ("--model deit_small_patch16_LS --data-path X --batch 256 --lr 4e-3 --epochs 800 --weight-decay 0.05 "

@@ -11,8 +11,9 @@ from test_train import fresh_accelerate_state  # noqa: F401  (an autouse fixture
 
 import datagen
 import train
-from tract.config import ConfigError, parse_args
+from tract.config import parse_args
 from tract.engine import build_scheduler
+from tract.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -154,7 +154,8 @@ def test_resnet18_cifar_keeps_full_resolution_in_the_stem_and_tract_wraps_its_fi
 def test_mean_std_flags_reach_the_transforms_and_a_wrong_count_is_refused(monkeypatch):
     import train
     import tract.data
-    from tract.config import ConfigError, parse_args
+    from tract.config import parse_args
+    from tract.errors import ConfigError
 
     seen = []
     monkeypatch.setattr(tract.data, "build_transform", lambda *a, **kw: seen.append((kw["mean"], kw["std"])) or (

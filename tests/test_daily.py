@@ -15,7 +15,7 @@ from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401
 
 import train
 import tract.data
-from tract.config import ConfigError
+from tract.errors import ConfigError
 from tract.runtime import EXIT_INTERRUPTED, EXIT_REQUEUE
 
 # A TrAct run of a non-default model (not train.py's demo ViT), 2 epochs of 4 updates, λ off its default.

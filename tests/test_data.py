@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 import datagen
-from tract.data import (DATASETS, FMNIST_DEBIAN_ROOT, DatasetError, RASampler, build_dataset, build_transform,
-                        check_dataset, default_mean_std)
+from tract.config import DATASETS
+from tract.data import (FMNIST_DEBIAN_ROOT, RASampler, build_dataset, build_transform, check_dataset,
+                        default_mean_std)
+from tract.errors import DatasetError
 
 
 @pytest.fixture

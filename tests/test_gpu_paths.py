@@ -171,7 +171,7 @@ def fake_gpus(monkeypatch, capability, arch_list, name="NVIDIA GPU"):
 
 
 def test_a_v100_under_a_torch_without_sm_70_is_refused_naming_the_cuda_12_6_build(monkeypatch):
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import LEGACY_INDEX_URL, check_cuda
 
     fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
@@ -189,7 +189,7 @@ def test_a_v100_under_a_torch_without_sm_70_is_refused_naming_the_cuda_12_6_buil
     ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # the CUDA 12.6 build
 ])
 def test_gpu_architectures_are_checked_against_the_torch_builds_kernels(monkeypatch, capability, arch_list, runs):
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import check_cuda
 
     fake_gpus(monkeypatch, capability, arch_list)
@@ -208,7 +208,7 @@ def test_gpu_architectures_are_checked_against_the_torch_builds_kernels(monkeypa
     ({}, "bf16", False),  # plain python train.py on a CPU machine
 ], ids=["multi_gpu", "fp16", "cpu_config", "bf16_one_process", "plain_python"])
 def test_a_gpu_launch_without_usable_cuda_is_refused_naming_the_fix(monkeypatch, env, precision, refused):
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import check_cuda
 
     for key in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
@@ -226,7 +226,7 @@ def test_a_gpu_launch_without_usable_cuda_is_refused_naming_the_fix(monkeypatch,
 def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatch):
     from types import SimpleNamespace
 
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import check_world_size
 
     monkeypatch.setenv("WORLD_SIZE", "4")

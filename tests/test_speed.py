@@ -4,7 +4,6 @@ per-batch seeded augmentation (persistent workers, resume), torch.compile with T
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from tract.config import ConfigError, parse_args
+from tract.config import parse_args
 from tract.data import DeviceLoader, SeededBatches, SeededBatchSampler, build_transform
-from tract.engine import build_optimizer, describe_optimizer
+from tract.engine import build_optimizer
+from tract.errors import ConfigError
+from tract.run_log import describe_optimizer
 from test_multiprocess import accelerate_launch, launch_env, uniform_imagefolder  # noqa: F401 (a fixture)
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401 (an autouse fixture)
 

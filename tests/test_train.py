@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 import train
 import tract.data
 from tract import TrAct
-from tract.config import ConfigError, parse_args
+from tract.config import parse_args
 from tract.engine import build_criterion, build_mixup
+from tract.errors import ConfigError
 from tract.models import build_model
 from tract.runtime import EXIT_REQUEUE, check_precision
 

@@ -21,9 +21,8 @@ from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401
 import train
 import tract.data
 from tract.checkpoint import CheckpointError, resolve_resume
-from tract.config import ConfigError
-from tract.data import DatasetError
-from tract.run_folder import RunLock
+from tract.errors import ConfigError, DatasetError
+from tract.run_lock import RunLock
 from tract.runtime import EXIT_REQUEUE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,8 +199,8 @@ train.cli(sys.argv[1:])
 # (where, the function entered, its n-th call): inside a save (train state written, manifest not), after the rename
 # before `last`, before pruning, inside the evaluation, before `best`, before the log line, before the weights export.
 KILL_POINTS = [("tract.checkpoint", "_write_json", 1), ("tract.checkpoint", "_write_json", 2),
-               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("train", "evaluate", 1),
-               ("train", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
+               ("tract.checkpoint", "relink", 1), ("tract.checkpoint", "_prune", 2), ("tract.engine", "evaluate", 1),
+               ("tract.engine", "repair_links", 1), ("tract.run_log.RunLog", "write", 2),
                ("train", "export_weights", 1)]
 
 
@@ -263,7 +262,7 @@ def test_a_second_run_or_a_resume_into_a_live_run_folder_is_refused_naming_host_
 
 
 def test_a_lock_is_released_by_the_os_when_its_holder_is_killed(tmp_path):
-    code = (f"import sys, os, signal, time; sys.path.insert(0, {str(ROOT)!r}); from tract.run_folder import RunLock; "
+    code = (f"import sys, os, signal, time; sys.path.insert(0, {str(ROOT)!r}); from tract.run_lock import RunLock; "
             f"RunLock({str(tmp_path / 'run')!r}).acquire(); print('held', flush=True); os.kill(os.getpid(), 9)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "held" in proc.stdout and proc.returncode == -9
@@ -477,7 +476,8 @@ def test_resume_with_another_architecture_is_refused_before_compute_naming_the_c
 
 
 def test_a_text_file_or_image_as_weights_is_refused_without_torchs_unsafe_advice(tmp_path):
-    from tract.weights import WeightsError, load_state_dict
+    from tract.errors import WeightsError
+    from tract.weights import load_state_dict
 
     for name, content in (("notes.pth", b"hello\n" * 20), ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(64))):
         (tmp_path / name).write_bytes(content)
@@ -620,7 +620,7 @@ def test_a_run_whose_folder_is_deleted_while_it_trains_stops_with_one_message_an
         tiny_imagefolder, tmp_path, monkeypatch, then):
     import shutil
 
-    from tract.run_folder import RunFolderLost
+    from tract.run_lock import RunFolderLost
 
     out = tmp_path / "run"
 
@@ -896,7 +896,7 @@ def test_torchs_unexpected_pos_is_told_as_a_full_disk(two_epoch_run, tmp_path, m
 
 # ---- a kill at any point of the start-up leaves a folder that the message's command continues -----------------------
 
-@pytest.mark.parametrize("owner,name", [("tract.config", "save_args"), ("tract.data", "build_dataset")])
+@pytest.mark.parametrize("owner,name", [("tract.run_folder", "save_args"), ("tract.data", "build_dataset")])
 def test_a_kill_during_start_up_leaves_a_folder_the_told_command_continues(killed_reference, tmp_path, owner, name):
     reference, argv = killed_reference
     out = tmp_path / "run"

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from tract.weights import WeightsError, adapt_state_dict, find_run_args, load_pretrained, load_state_dict
+from tract.config import find_run_args
+from tract.errors import WeightsError
+from tract.weights import adapt_state_dict, load_pretrained, load_state_dict
 
 WIDTH = 24
 

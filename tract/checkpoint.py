@@ -33,7 +33,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from tract.config import ConfigError
+from tract.errors import ConfigError
+from tract.models import plain_state_dict
+from tract.run_lock import LOCK_NAME, check_still_held
+from tract.runtime import on_main
 from tract.safe_files import (UnsafeFileError, disk_problem, read_json, refuse_link, remove_entry, sha256_file,
                               write_failed, write_new)
 
@@ -255,8 +258,6 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     is left. Nothing is written through a link: ``root`` must be a real folder of the run, which this process must
     still hold (a run folder deleted or replaced under a running run stops it).
     """
-    from tract.run_folder import check_still_held, on_main
-
     root = Path(root)
     name = checkpoint_name(state)
     final, tmp = root / name, root / f".tmp-{name}"
@@ -284,8 +285,6 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         if accelerator.is_main_process:
             _write_json(tmp / "train_state.json", state.state_dict())
             if ema is not None:
-                from tract.models import plain_state_dict
-
                 export_weights(plain_state_dict(ema), tmp / "ema.safetensors")
         accelerator.wait_for_everyone()  # every process has written its RNG state before the manifest is made
         if accelerator.is_main_process:
@@ -387,8 +386,6 @@ def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Op
     if not p.exists():
         raise ConfigError(f"--resume {path}: no such file or folder; pass a train.py run folder or a checkpoint "
                           "folder inside its checkpoints/")
-    from tract.run_folder import LOCK_NAME
-
     if p.is_dir() and (p.name == "checkpoints" or any(os.path.lexists(p / n) for n in ("checkpoints", "args.yaml",
                                                                                         LOCK_NAME))):
         run = p.parent if p.name == "checkpoints" else p

@@ -15,16 +15,19 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
-from tract.data import DATASETS
+from tract.errors import ConfigError
+from tract.safe_files import read_yaml, write_atomic
 
-__all__ = ["ConfigError", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
-           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "parse_model_kwargs",
-           "RESUME_FREE", "check_resume_changes", "inactive_tract_options"]
+__all__ = ["DATASETS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
+           "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "find_run_args",
+           "parse_model_kwargs", "RESUME_FREE", "check_resume_changes", "inactive_tract_options"]
 
+# --data-set: the datasets tract/data.py reads (DeiT's names, and FOLDER for any ImageFolder layout).
+DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 # --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
 FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
 # --patch-norm (Fig. 7): none; "patch" = every input patch standardised on its own; "dual" = DualPatchNorm (Kumar et
@@ -40,10 +43,6 @@ RESUME_FREE = ("output_dir", "epochs", "num_workers", "pin_mem", "prefetcher", "
 # Flags that steer this invocation only: never written to args.yaml, never taken from it.
 RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind", "eval", "dry_run")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
-
-
-class ConfigError(ValueError):
-    """A bad option value or config file: the message names the problem and the fix."""
 
 
 def first_process_on_machine() -> bool:
@@ -309,8 +308,6 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None, *, 
                 follow: bool = True) -> Dict[str, Any]:
     """Read a YAML config and check it against the parser: unknown keys and bad values are ConfigErrors. ``fix``
     ends the message of a file that cannot be read; ``follow=False`` refuses a link (a run folder's own file)."""
-    from tract.safe_files import read_yaml
-
     parser = parser or get_args_parser()
     # bounded (size, nesting, YAML aliases expanded): a config, or a run's args.yaml, cannot exhaust memory
     fix = fix or "fix or replace the file (python train.py --help lists the keys)"
@@ -377,8 +374,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     first.add_argument("-c", "--config", default=None)
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
-    from tract.weights import find_run_args  # the run a path belongs to, as finetune.py finds it
-
     run_args = find_run_args(known.resume) if known.resume and Path(known.resume).expanduser().is_dir() else None
     saved = {}
     if run_args is not None:  # the run continues as it was started: its own arguments are the base
@@ -394,6 +389,14 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     if saved:
         check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
+
+
+def find_run_args(path: str | Path) -> Optional[Path]:
+    """The args.yaml of the train.py run a path belongs to (run folder, its weights, checkpoints/, a checkpoint)."""
+    path = Path(path).resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder] + [parent.parent for parent in (folder, folder.parent) if parent.name == "checkpoints"]
+    return next((c / "args.yaml" for c in candidates if (c / "args.yaml").is_file()), None)
 
 
 def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_args: Path,
@@ -564,7 +567,5 @@ def inactive_tract_options(args: argparse.Namespace) -> Optional[str]:
 
 def save_args(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
-    from tract.safe_files import write_atomic
-
     values = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
     write_atomic(Path(path), yaml.safe_dump(values, sort_keys=False).encode())  # never a partial or 0-byte file

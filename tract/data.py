@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DATASETS", "FMNIST_DEBIAN_ROOT", "DatasetError", "read_image", "build_dataset", "check_dataset",
+from tract.config import DATASETS
+from tract.errors import ConfigError, DatasetError
+from tract.runtime import default_num_workers
+
+__all__ = ["FMNIST_DEBIAN_ROOT", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
            "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data"]
 
-DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
 # timm's constants, written out so that the signature of build_transform does not import timm.
@@ -73,19 +76,6 @@ _LAYOUTS = {
     "CARS": CARS_LAYOUT,
 }
 _DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
-
-
-class DatasetError(ValueError):
-    """A dataset that is missing or laid out wrongly: the message names the root, the expected layout and the fix."""
-
-    _WORKER = "Caught DatasetError in DataLoader worker"
-
-    def __init__(self, message: str = ""):
-        # Raised in a loader worker, the error comes back as "Caught DatasetError in ... Original Traceback ...":
-        # keep the message alone, so the user sees one line, not a worker's traceback.
-        if message.startswith(self._WORKER) and "DatasetError: " in message:
-            message = message.rsplit("DatasetError: ", 1)[1].strip()
-        super().__init__(message)
 
 
 def read_image(path: str):
@@ -638,8 +628,6 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
     from timm.data.loader import fast_collate
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from tract.config import ConfigError
-
     name = args.data_set or ("IMNET" if args.data_path else "FMNIST")
     mean, std = default_mean_std(args.in_chans)
     mean, std = args.mean or mean, args.std or std
@@ -674,8 +662,6 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
         # Per-process shards seeded by (seed, epoch): a resumed run sees the same order as an uninterrupted one.
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     batches = SeededBatchSampler(sampler, args.batch_size, drop_last=True, seed=args.seed, rank=rank)
-    from tract.runtime import default_num_workers
-
     workers = args.num_workers if args.num_workers is not None else default_num_workers()
     persistent = args.persistent_workers and workers > 0
     loader_kwargs = dict(num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),

@@ -9,18 +9,21 @@ import sys
 import time
 from datetime import timedelta
 from types import MappingProxyType
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tract.checkpoint import TrainState
+from tract.checkpoint import TrainState, repair_links
+from tract.errors import ConfigError
+from tract.method import TrAct, find_first_layer
+from tract.models import optimizer_eps
 
 __all__ = ["OPTIMIZER_ALIASES", "TORCH_FUSED", "SplitOptimizer", "first_layer_name", "build_optimizer",
-           "describe_optimizer", "describe_first_layer", "build_scheduler", "scaled_lr", "lr_warning", "describe_loss",
-           "describe_augmentation", "build_criterion", "build_mixup", "mixup_active", "Progress", "train_one_epoch",
-           "evaluate"]
+           "build_scheduler", "scaled_lr", "lr_warning", "build_criterion", "build_mixup", "mixup_active", "Progress",
+           "train_one_epoch", "evaluate", "evaluate_and_log", "save_every"]
 
 # DeiT's apex optimizers -> timm's names. timm's lamb clips the global gradient norm at max_grad_norm=1.0 before its
 # update, as apex FusedLAMB does (timm/optim/lamb.py: _get_clip_grad_norm).
@@ -112,9 +115,6 @@ class SplitOptimizer(torch.optim.Optimizer):
 
 def first_layer_name(args, model: nn.Module) -> str:
     """The layer --tract wraps (or would wrap): the one TrAct layer, else ``--tract-layer``, else find_first_layer."""
-    from tract import TrAct, find_first_layer
-    from tract.config import ConfigError
-
     wrapped = [name for name, module in model.named_modules() if isinstance(module, TrAct)]
     if len(wrapped) == 1:
         return wrapped[0]
@@ -136,8 +136,6 @@ def build_optimizer(args, model: nn.Module, lr: float, device: Optional[torch.de
     """
     from timm.optim import create_optimizer_v2, list_optimizers
 
-    from tract.config import ConfigError
-
     name = OPTIMIZER_ALIASES.get(args.opt.lower(), args.opt.lower())
     known = list_optimizers()
     if name not in known:
@@ -146,8 +144,6 @@ def build_optimizer(args, model: nn.Module, lr: float, device: Optional[torch.de
         close = difflib.get_close_matches(name, known + list(OPTIMIZER_ALIASES), n=3)
         raise ConfigError(f"unknown optimizer '{args.opt}'" + (f"; closest: {', '.join(close)}" if close else "") +
                           " (timm.optim.list_optimizers() lists them)")
-    from tract.models import optimizer_eps
-
     kwargs = {}
     eps = optimizer_eps(args)  # DeiT's 1e-8 for DeiT III models, as DeiT's main.py passes it
     if eps is not None:
@@ -187,35 +183,6 @@ def _groups_without(model: nn.Module, weight_decay: float, layer: nn.Module) -> 
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay)
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in left_out]} for g in groups]
     return [g for g in groups if g["params"]]
-
-
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """Which implementation steps: the class and, for torch's optimizers, fused / foreach / for-loop."""
-    if isinstance(optimizer, SplitOptimizer):
-        parts = zip(optimizer.labels, optimizer.optimizers)
-        return "; ".join(f"{label}: {describe_optimizer(inner)}" for label, inner in parts)
-    cls = type(optimizer)
-    defaults = optimizer.defaults
-    if defaults.get("fused"):
-        how = "fused kernel"
-    elif defaults.get("foreach"):
-        how = "foreach (multi-tensor)"
-    elif cls.__module__.startswith("timm"):
-        how = "timm's single-tensor loop (timm has no fused version)"
-    elif "foreach" in defaults and defaults["foreach"] is None:
-        how = "torch's default: foreach on CUDA, for-loop elsewhere"
-    else:
-        how = "for-loop"
-    return f"{cls.__module__}.{cls.__name__}, {how}"
-
-
-def describe_first_layer(optimizer: torch.optim.Optimizer) -> str:
-    """The first layer's optimizer, as the dry run prints it (read from the optimizer built)."""
-    if not isinstance(optimizer, SplitOptimizer):
-        return "with the rest (--first-layer-opt same)"
-    group = optimizer.optimizers[-1].param_groups[0]
-    return (f"{optimizer.labels[-1]}, momentum {group['momentum']:g}, lr {group['lr_scale']:g} x the rest's on the "
-            f"same schedule, weight decay {group['weight_decay']:g}; the rest {optimizer.labels[0]}")
 
 
 def build_scheduler(args, optimizer, updates_per_epoch: int):
@@ -272,36 +239,6 @@ def build_criterion(args, num_classes: int) -> nn.Module:
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return nn.CrossEntropyLoss()
-
-
-def describe_loss(criterion: nn.Module) -> str:
-    """The training loss in words (the dry-run summary's line)."""
-    smoothing = getattr(criterion, "smoothing", None)
-    if type(criterion).__name__ == "BinaryCrossEntropy":
-        return "BinaryCrossEntropy on targets binarised above 0 (DeiT III)"
-    if type(criterion).__name__ == "SoftTargetCrossEntropy":
-        return "SoftTargetCrossEntropy (mixup / cutmix targets, smoothed by them)"
-    return type(criterion).__name__ + (f", smoothing {smoothing:g}" if smoothing else "")
-
-
-def describe_augmentation(args) -> str:
-    """The training augmentation in words (the dry-run summary's line)."""
-    if args.three_augment:
-        parts = ["3-Augment (grayscale / solarize / blur, DeiT III)"]
-    else:
-        parts = []
-    parts.insert(0, "simple random crop (resize, pad 4, crop; --src)" if args.src
-                 else "RandomResizedCrop (scale 0.08-1)")
-    parts.append("horizontal flip")
-    if args.color_jitter and not args.aa:
-        parts.append(f"color jitter {args.color_jitter:g}")
-    if args.aa:
-        parts.append(f"RandAugment {args.aa}")
-    if args.reprob > 0:
-        parts.append(f"random erasing p {args.reprob:g}")
-    if mixup_active(args):
-        parts.append(f"mixup {args.mixup:g} / cutmix {args.cutmix:g}")
-    return ", ".join(parts)
 
 
 def mixup_active(args) -> bool:
@@ -513,3 +450,36 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, *, channels_last: 
     bar.close()
     loss, top1, top5, count = totals.tolist()
     return {"loss": loss / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count}
+
+
+def evaluate_and_log(number: int, train_stats: Dict[str, float], *, args, model: nn.Module, ema, loader: Iterable,
+                     accelerator, state: TrainState, run_log, checkpoints: Path, n_parameters: int,
+                     log: Callable[[str], None] = print) -> None:
+    """After epoch ``number`` (from 1): evaluate the model (and the EMA) if --val-interval says so, take a better
+    test_acc1 as the best (repointing ``checkpoints/best``), write the epoch's line to ``run_log`` and tell the user."""
+    stats, evaluated = dict(train_stats), number % args.val_interval == 0 or number == args.epochs
+    # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same whether or
+    # not an evaluation ran in between (a resume may or may not have to redo one).
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        for prefix, net in (("test", model), ("test_ema", ema.module if ema is not None else None)):
+            if evaluated and net is not None and (prefix == "test" or args.model_ema_eval):
+                stats.update({f"{prefix}_{k}": v for k, v in evaluate(
+                    net, loader, accelerator, channels_last=args.channels_last, progress=args.progress).items()})
+    if evaluated and stats["test_acc1"] > state.best_acc1:
+        state.best_acc1, state.best_epoch = stats["test_acc1"], number - 1
+        if accelerator.is_main_process:
+            repair_links(checkpoints, state)
+    run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
+    state.pending = {}
+    tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
+              else "not evaluated (--val-interval)")
+    log(f"epoch {number}/{args.epochs}: train_loss {stats['train_loss']:.4f}  {tested}  "
+        f"({stats['epoch_time']:.0f} s, {stats['images_per_sec']:.0f} img/s)  best " +
+        (f"{state.best_acc1:.2f}% (epoch {state.best_epoch + 1})" if state.best_acc1 >= 0 else "none yet"))
+
+
+def save_every(updates: int, state: TrainState, save: Callable[[], Any]) -> None:
+    """train_one_epoch's ``after_update`` for --checkpoint-interval-updates: ``save()`` at every multiple of
+    ``updates`` optimizer updates (never when 0), as preemption saves."""
+    if updates and state.num_updates % updates == 0:
+        save()

@@ -19,11 +19,13 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tract.config import ConfigError
+from tract.errors import ConfigError
+from tract.method import apply_tract
+from tract.weights import load_pretrained
 
 __all__ = ["vit_pico_patch7_28", "vit_cifar_patch4_32", "vit_pico_convstem_28", "resnet18_cifar", "DEIT3_MODELS",
-           "PatchNorm", "add_patch_norm", "describe_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
-           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters"]
+           "PatchNorm", "add_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
+           "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters", "build_ema"]
 
 # DeiT III's model names (models_v2.py) -> the same networks in timm.
 DEIT3_MODELS = {
@@ -57,13 +59,6 @@ class PatchNorm(nn.LayerNorm):
         patches = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)  # B, rows, cols, C, ph, pw
         normed = super().forward(patches.reshape(*patches.shape[:3], -1)).reshape(patches.shape)
         return normed.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def describe_patch_norm(mode: str) -> str:
-    """--patch-norm as the dry run prints it."""
-    return {"none": "none", "patch": "patch: every input patch standardised on its own before patch_embed.proj",
-            "dual": "dual (DualPatchNorm): LayerNorm over each input patch before patch_embed.proj and over each "
-                    "token after it"}[mode]
 
 
 def _normalise_patches(embed: nn.Module, args: Tuple) -> Tuple:
@@ -234,14 +229,10 @@ def build_model(args: argparse.Namespace, num_classes: int, *, log: Callable[[st
                           "pass --drop-path-schedule linear")
 
     if args.finetune and not args.resume:  # a resumed run's checkpoint already holds the trained weights
-        from tract.weights import load_pretrained
-
         load_pretrained(model, args.finetune, log=log)
 
     layer = None
     if args.tract:
-        from tract import apply_tract
-
         try:
             layer = apply_tract(model, lam=args.tract_lambda, layer=args.tract_layer, sync_gram=args.tract_sync_gram)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -261,6 +252,17 @@ def check_patch_grid(model: nn.Module, input_size: int) -> None:
         raise ConfigError(f"--input-size {input_size} is not a multiple of the patch size {patch}: the last "
                           f"{input_size % patch} pixel rows and columns would never be seen; pass --input-size "
                           f"{input_size - input_size % patch} or {input_size - input_size % patch + patch}")
+
+
+def build_ema(args: argparse.Namespace, model: nn.Module, device: torch.device):
+    """timm's ModelEmaV3 of ``model`` for --model-ema (None without it); ``model`` is moved to ``device`` first."""
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    # The model on its device first: an EMA built from a model on another device has foreach updates off
+    model.to(device)
+    return ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

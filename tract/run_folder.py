@@ -1,35 +1,29 @@
 """The run folder: where a run lives (new, continued, or branched off a checkpoint), checked before anything is
-written, and held by one run at a time.
-
-A run holds ``OUTPUT/run.lock`` (an flock) for its lifetime; the operating system releases it when the process ends,
-however it ends, so a killed run never leaves a stale lock. A second run, or ``--resume`` of a run that is still
-training, is refused with the host and process that hold the folder. A run whose folder is deleted or replaced while
-it runs (the folder or its lock is no longer the one it locked) stops at its next checkpoint or log line.
+written, and held by one run at a time (its lock: tract/run_lock.py).
 
 A run folder, its ``checkpoints/`` and the files in them are the run's own: a link to elsewhere is refused before
 anything is written (but ``last`` and ``best``, train.py's links to a checkpoint beside them). ``args.yaml`` is
 written as soon as the folder is locked, so a run killed at any point of its start-up is continued by ``--resume``.
 """
 import argparse
-import errno
-import fcntl
-import json
 import os
 import shutil
-import socket
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from tract.config import ConfigError
+from tract.checkpoint import checkpoint_names, link_target, name_position, relink, resolve_resume
+from tract.config import save_args
+from tract.errors import ConfigError
+from tract.models import resolve_model_name
+from tract.run_lock import RunLock
+from tract.run_log import read_log
+from tract.runtime import on_main
 from tract.safe_files import UnsafeFileError, disk_problem, link_problem, read_yaml, refuse_link
 
-__all__ = ["LOCK_NAME", "ARCHITECTURE_ARGS", "holds_run", "check_output_dir", "RunLock", "RunPlace",
-           "place_run", "check_still_held", "RunFolderLost", "on_main"]
+__all__ = ["ARCHITECTURE_ARGS", "holds_run", "check_output_dir", "RunPlace", "place_run"]
 
-LOCK_NAME = "run.lock"
 # What a checkpoint's tensors are shaped by: a resume that changes one of these cannot load it.
 ARCHITECTURE_ARGS = ("model", "model_kwargs", "in_chans", "input_size")
 
@@ -52,105 +46,6 @@ def check_output_dir(folder: Path) -> None:
         raise ConfigError(f"--output-dir {folder} lies under {probe}, which is a file: choose another --output-dir")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir {folder}: {probe} is not writable: choose another --output-dir")
-
-
-class RunFolderLost(ConfigError):
-    """The run folder was deleted or replaced while this run held it."""
-
-
-_HELD: Dict[str, "RunLock"] = {}  # real path of a run folder -> the lock this process holds on it
-
-
-def check_still_held(folder: Path) -> None:
-    """Raise RunFolderLost if this process locked ``folder`` and it (or its run.lock) is no longer the one locked."""
-    lock = _HELD.get(os.path.realpath(folder))
-    if lock is not None:
-        lock.check()
-
-
-class RunLock:
-    """An exclusive lock on a run folder for the lifetime of the run (or until :meth:`release`)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
-        self._fd: Optional[int] = None
-        self._created_folder = False
-        self._identity: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None  # (device, inode) of folder, lock
-
-    def acquire(self) -> "RunLock":
-        """Take the lock (creating the folder), or raise ConfigError naming the host and process holding it."""
-        self._created_folder = not os.path.lexists(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        refuse_link(self.folder, f"Pass the real folder: --output-dir {os.path.realpath(self.folder)}")
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                refuse_link(self.path, f"Delete it, then rerun the command (with --resume {self.folder} if the "
-                                       "folder holds a run)")
-            raise ConfigError(f"cannot create {self.path}: {e.strerror}: choose another --output-dir") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            os.close(fd)
-            raise UnsafeFileError(f"{self.path} is not a plain file of the run (a hard link to a file elsewhere, or "
-                                  f"not a file): nothing is written through it. Delete it, then rerun the command")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
-            try:
-                who = json.loads(holder)
-                holder = f"process {who['pid']} on {who['host']} (since {who['started']})"
-            except (ValueError, KeyError, TypeError):
-                holder = "another process"
-            raise ConfigError(f"{self.folder} is in use by {holder}: a run is writing there. Wait for it to end or "
-                              "stop it, or choose another --output-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
-        folder = os.lstat(self.folder)
-        self._identity = ((folder.st_dev, folder.st_ino), (info.st_dev, info.st_ino))
-        _HELD[os.path.realpath(self.folder)] = self
-        return self
-
-    def check(self) -> None:
-        """Raise RunFolderLost if the folder or its run.lock is no longer the one this lock was taken on."""
-        if self._fd is None:
-            return
-        try:
-            folder, lock = os.lstat(self.folder), os.lstat(self.path)
-            now = ((folder.st_dev, folder.st_ino), (lock.st_dev, lock.st_ino))
-        except OSError:
-            now = None
-        if now != self._identity:
-            raise RunFolderLost(f"{self.folder} was deleted or replaced while this run was writing there ({LOCK_NAME} "
-                                "is gone or another's): this run stops and writes nothing more there. A run now in "
-                                "that folder is not affected; if the folder was deleted by mistake, start the run "
-                                "again with the original command")
-
-    def release(self) -> None:
-        """Let go of the lock; a folder this run created and left with nothing trained (the lock and the args.yaml
-        it wrote) is removed."""
-        if self._fd is None:
-            return
-        _HELD.pop(os.path.realpath(self.folder), None)
-        try:
-            self.check()
-            left = {p.name for p in self.folder.iterdir()}
-        except (ConfigError, OSError):
-            left = None
-        if self._created_folder and left is not None and left <= {LOCK_NAME, "args.yaml"}:
-            try:
-                for name in left:
-                    (self.folder / name).unlink()
-                self.folder.rmdir()
-            except OSError:  # something appeared meanwhile: the folder stays, the error being raised is the news
-                pass
-        os.close(self._fd)
-        self._fd = None
 
 
 def _saved_args(run: Path) -> Dict[str, Any]:
@@ -179,8 +74,6 @@ def _foreign_links(run: Path) -> List[str]:
 
 def _check_own_files(run: Path) -> None:
     """Refuse a run folder, or a checkpoints/ or file in it, that is a link to elsewhere, naming it."""
-    from tract.checkpoint import link_target
-
     refuse_link(run, f"Pass the real folder: {os.path.realpath(run)}")
     refuse_link(run / "checkpoints", f"A run's checkpoints/ must be its own folder: delete the link, then rerun the "
                                      f"command with --resume {run}")
@@ -196,9 +89,6 @@ def _check_own_files(run: Path) -> None:
 def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
     """What resuming ``run`` from its own ``checkpoint`` would leave behind: the later checkpoints and the epochs
     logged past it."""
-    from tract.checkpoint import checkpoint_names, name_position
-    from tract.run_log import read_log
-
     position = name_position(checkpoint.name)
     later = [n for n in checkpoint_names(run / "checkpoints") if name_position(n) > position]
     logged = [r["epoch"] for r in read_log(run / "log.txt") if r["epoch"] > position[0]]  # numbered from 1
@@ -208,8 +98,6 @@ def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
 def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[str], None]) -> None:
     """--rewind: the later checkpoints and the whole log go to ``run/rewound-<time>/``; ``last`` points at the
     checkpoint resumed from (the log is cut back to it by RunLog)."""
-    from tract.checkpoint import relink
-
     aside = run / f"rewound-{time.strftime('%Y%m%d-%H%M%S')}"
     (aside / "checkpoints").mkdir(parents=True)
     root = run / "checkpoints"
@@ -221,24 +109,6 @@ def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[st
     if (root / "best").is_symlink() and os.readlink(root / "best") in later:
         (root / "best").unlink()
     log(f"note: rewound {run} to {checkpoint.name}: its later checkpoints and its log as it was are in {aside}")
-
-
-def on_main(accelerator, fn: Callable[[], Any]) -> Any:
-    """fn() run on the main process only, its result given to every process; a ConfigError there is raised on every
-    process, so all stop together."""
-    from accelerate.utils import broadcast_object_list
-
-    outcome = [None, None]  # result, error
-    if accelerator.is_main_process:
-        try:
-            outcome[0] = fn()
-        except ConfigError as e:
-            outcome[1] = e
-    if accelerator.num_processes > 1:
-        broadcast_object_list(outcome)
-    if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]
 
 
 @dataclass
@@ -265,8 +135,6 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
     written for ``--eval`` and ``--dry-run``; otherwise the folder is locked for the run's lifetime. ``args`` is
     updated: ``output_dir`` always; ``resume`` / ``finetune`` for a run that starts again from the beginning.
     """
-    from tract.checkpoint import resolve_resume
-
     # Verifying reads (and hashes) every file of a checkpoint: once, not once per process of a launch.
     checkpoint, source = on_main(accelerator, lambda: resolve_resume(args.resume, log=log)) if args.resume else (
         None, None)
@@ -330,8 +198,6 @@ def _start_writing(args: argparse.Namespace, place: RunPlace, rewind: Optional[L
                    log: Callable[[str], None]) -> None:
     """Right after locking: move a rewound timeline aside, and write args.yaml (atomically) if the run has none, so
     that a kill at any later point of the start-up leaves a folder that --resume continues."""
-    from tract.config import save_args
-
     if rewind is not None:
         _move_aside(place.output_dir, place.checkpoint, rewind, log)
     path = place.output_dir / "args.yaml"
@@ -347,8 +213,6 @@ def _start_writing(args: argparse.Namespace, place: RunPlace, rewind: Optional[L
 def _default_output_dir(args: argparse.Namespace, accelerator) -> Path:
     """timm's naming: output/train/<YYYYmmdd-HHMMSS>-<model>-<size>, the same on every process."""
     from accelerate.utils import broadcast_object_list
-
-    from tract.models import resolve_model_name
 
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(stamp)

@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+from torch import nn
+
+from tract.engine import SplitOptimizer, lr_warning, mixup_active
+from tract.run_lock import RunFolderLost, check_still_held
 from tract.safe_files import append_text, read_bytes, write_atomic, write_failed
 
-__all__ = ["RunLog", "read_log", "run_summary", "MAX_LOG_BYTES"]
+__all__ = ["RunLog", "read_log", "run_summary", "describe_optimizer", "describe_first_layer", "describe_loss",
+           "describe_augmentation", "describe_patch_norm", "MAX_LOG_BYTES"]
 
 MAX_LOG_BYTES = 1 << 26  # a line per epoch: a few hundred KB for the longest recipes
 # summary.csv's columns: timm.utils.update_summary's, as timm's train.py writes them
@@ -27,11 +33,6 @@ SUMMARY_FIELDS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", 
 def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float, optimizer, criterion,
                 tract_layer: Optional[str]) -> Dict[str, Any]:
     """What a run will do, one line per item: train.py prints it at the start and ``--dry-run`` stops after it."""
-    import torch
-
-    from tract.engine import describe_augmentation, describe_first_layer, describe_loss, describe_optimizer, lr_warning
-    from tract.models import describe_patch_norm
-
     global_batch = args.batch_size * accelerator.num_processes * args.accum_steps
     warning = lr_warning(args, lr)
     return {
@@ -70,6 +71,72 @@ def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float,
         "mid-epoch checkpoints": (f"every {args.checkpoint_interval_updates} updates"
                                   if args.checkpoint_interval_updates else "off"),
     }
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """Which implementation steps: the class and, for torch's optimizers, fused / foreach / for-loop."""
+    if isinstance(optimizer, SplitOptimizer):
+        parts = zip(optimizer.labels, optimizer.optimizers)
+        return "; ".join(f"{label}: {describe_optimizer(inner)}" for label, inner in parts)
+    cls = type(optimizer)
+    defaults = optimizer.defaults
+    if defaults.get("fused"):
+        how = "fused kernel"
+    elif defaults.get("foreach"):
+        how = "foreach (multi-tensor)"
+    elif cls.__module__.startswith("timm"):
+        how = "timm's single-tensor loop (timm has no fused version)"
+    elif "foreach" in defaults and defaults["foreach"] is None:
+        how = "torch's default: foreach on CUDA, for-loop elsewhere"
+    else:
+        how = "for-loop"
+    return f"{cls.__module__}.{cls.__name__}, {how}"
+
+
+def describe_first_layer(optimizer: torch.optim.Optimizer) -> str:
+    """The first layer's optimizer, as the dry run prints it (read from the optimizer built)."""
+    if not isinstance(optimizer, SplitOptimizer):
+        return "with the rest (--first-layer-opt same)"
+    group = optimizer.optimizers[-1].param_groups[0]
+    return (f"{optimizer.labels[-1]}, momentum {group['momentum']:g}, lr {group['lr_scale']:g} x the rest's on the "
+            f"same schedule, weight decay {group['weight_decay']:g}; the rest {optimizer.labels[0]}")
+
+
+def describe_loss(criterion: nn.Module) -> str:
+    """The training loss in words (the dry-run summary's line)."""
+    smoothing = getattr(criterion, "smoothing", None)
+    if type(criterion).__name__ == "BinaryCrossEntropy":
+        return "BinaryCrossEntropy on targets binarised above 0 (DeiT III)"
+    if type(criterion).__name__ == "SoftTargetCrossEntropy":
+        return "SoftTargetCrossEntropy (mixup / cutmix targets, smoothed by them)"
+    return type(criterion).__name__ + (f", smoothing {smoothing:g}" if smoothing else "")
+
+
+def describe_augmentation(args) -> str:
+    """The training augmentation in words (the dry-run summary's line)."""
+    if args.three_augment:
+        parts = ["3-Augment (grayscale / solarize / blur, DeiT III)"]
+    else:
+        parts = []
+    parts.insert(0, "simple random crop (resize, pad 4, crop; --src)" if args.src
+                 else "RandomResizedCrop (scale 0.08-1)")
+    parts.append("horizontal flip")
+    if args.color_jitter and not args.aa:
+        parts.append(f"color jitter {args.color_jitter:g}")
+    if args.aa:
+        parts.append(f"RandAugment {args.aa}")
+    if args.reprob > 0:
+        parts.append(f"random erasing p {args.reprob:g}")
+    if mixup_active(args):
+        parts.append(f"mixup {args.mixup:g} / cutmix {args.cutmix:g}")
+    return ", ".join(parts)
+
+
+def describe_patch_norm(mode: str) -> str:
+    """--patch-norm as the dry run prints it."""
+    return {"none": "none", "patch": "patch: every input patch standardised on its own before patch_embed.proj",
+            "dual": "dual (DualPatchNorm): LayerNorm over each input patch before patch_embed.proj and over each "
+                    "token after it"}[mode]
 
 
 def read_log(path: Path) -> List[Dict]:
@@ -145,8 +212,6 @@ class RunLog:
         """Log one epoch's stats (with a time stamp); TensorBoard tags are ``train/loss``-style, at update ``step``."""
         if self.writer is None:
             return
-        from tract.run_folder import check_still_held
-
         stats = {**stats, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         check_still_held(self.path.parent)
         try:
@@ -167,8 +232,6 @@ class RunLog:
         """Per-update TensorBoard scalars (``update/loss``, ``update/lr``, ``update/grad_norm``), as (step, values)."""
         if self.writer is None:
             return
-        from tract.run_folder import check_still_held
-
         check_still_held(self.path.parent)  # TensorBoard appends by path: never into a folder this run lost
         for step, values in rows:
             for key, value in values.items():
@@ -179,8 +242,6 @@ class RunLog:
         full disk: a background thread appends the events) is one message, never raised over an error in flight."""
         if self.writer is None:
             return
-        from tract.run_folder import RunFolderLost, check_still_held
-
         raising = sys.exc_info()[1] is not None  # called from a `finally` while another error propagates
         try:
             check_still_held(self.path.parent)

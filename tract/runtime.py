@@ -1,5 +1,5 @@
 """Process setup: the Accelerator (precision, process-group timeout, CUDA speed flags), data-loader workers,
-preemption signals, and how the scripts end on a user error.
+preemption signals, the main process deciding for all (``on_main``), and how the scripts end on a user error.
 
 Preemption contract (SLURM's ``--signal``, ``scancel --signal``, a cluster's SIGTERM before a kill): on SIGUSR1 or
 SIGTERM a process only raises a flag. The training loop asks ``should_stop`` after every optimizer update; in a
@@ -16,17 +16,16 @@ import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
-from tract.config import ConfigError, first_process_on_machine
-from tract.data import DatasetError
-from tract.weights import WeightsError
+from tract.config import first_process_on_machine
+from tract.errors import ConfigError, DatasetError, WeightsError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
            "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator", "cpu_launch",
-           "default_num_workers", "Preemption", "run_cli"]
+           "default_num_workers", "Preemption", "run_cli", "on_main"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -147,6 +146,24 @@ def build_accelerator(args: argparse.Namespace):
     return accelerator
 
 
+def on_main(accelerator, fn: Callable[[], Any]) -> Any:
+    """fn() run on the main process only, its result given to every process; a ConfigError there is raised on every
+    process, so all stop together."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None, None]  # result, error
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = fn()
+        except ConfigError as e:
+            outcome[1] = e
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def cpu_launch() -> bool:
     """Make a process of a multi-process launch that sees no GPU run on the CPU (DDP over gloo); True if it did.
 
@@ -226,6 +243,12 @@ class Preemption:
             return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def stop(self, where: str, output_dir, log: Callable[[str], None] = print) -> NoReturn:
+        """Say where the run stopped and how to continue it, then exit with ``exit_code``."""
+        log(f"{'interrupted' if self.interrupted else 'preempted'} {where}: exiting with {self.exit_code} (resume with "
+            f"--resume {output_dir}, e.g. python train.py --resume {output_dir})")
+        raise SystemExit(self.exit_code)
 
 
 def _first_to_tell(message: str) -> bool:

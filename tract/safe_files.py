@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from tract.config import ConfigError
+from tract.errors import ConfigError
 
 __all__ = ["UnsafeFileError", "MAX_JSON_BYTES", "MAX_YAML_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "link_problem",
            "refuse_link", "remove_entry", "write_new", "write_atomic", "append_text", "read_bytes", "read_json",

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["WeightsError", "load_state_dict", "adapt_state_dict", "load_pretrained", "find_run_args"]
+from tract.errors import WeightsError
+
+__all__ = ["load_state_dict", "adapt_state_dict", "load_pretrained"]
 
 # Looked up in this order in a folder: train.py output and Accelerate save_state write the first, Accelerate with
 # safe_serialization=False the second.
@@ -30,10 +32,6 @@ _SAFE_PICKLE_GLOBALS = [argparse.Namespace]
 _MAX_LISTED = 10
 
 Log = Callable[[str], None]
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be read or do not fit the model; the message names the problem and the fix."""
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -89,14 +87,6 @@ def load_pretrained(model: nn.Module, path: str | Path, *, log: Log = print) -> 
     state_dict = adapt_state_dict(load_state_dict(path), model, log=log)
     model.load_state_dict(state_dict, strict=True)
     log(f"loaded pretrained weights from {path}")
-
-
-def find_run_args(path: str | Path) -> Path | None:
-    """The args.yaml of the train.py run a path belongs to (run folder, its weights, checkpoints/, a checkpoint)."""
-    path = Path(path).resolve()  # checkpoints/last is a symlink to checkpoints/epoch-NNNN
-    folder = path if path.is_dir() else path.parent
-    candidates = [folder] + [parent.parent for parent in (folder, folder.parent) if parent.name == "checkpoints"]
-    return next((c / "args.yaml" for c in candidates if (c / "args.yaml").is_file()), None)
 
 
 def _weights_file_in(folder: Path) -> Path:

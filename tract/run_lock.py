@@ -1,0 +1,124 @@
+"""The run's lock: ``OUTPUT/run.lock``, held by one run at a time, and the check that a run still holds its folder.
+
+A run holds ``OUTPUT/run.lock`` (an flock) for its lifetime; the operating system releases it when the process ends,
+however it ends, so a killed run never leaves a stale lock. A second run, or ``--resume`` of a run that is still
+training, is refused with the host and process that hold the folder. A run whose folder is deleted or replaced while
+it runs (the folder or its lock is no longer the one it locked) stops at its next checkpoint or log line: every
+module that writes into a run folder (checkpoint, run_log, run_folder) asks ``check_still_held`` first, so the lock
+lives beneath all of them.
+"""
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from tract.errors import ConfigError
+from tract.safe_files import UnsafeFileError, refuse_link
+
+__all__ = ["LOCK_NAME", "RunLock", "RunFolderLost", "check_still_held"]
+
+LOCK_NAME = "run.lock"
+
+
+class RunFolderLost(ConfigError):
+    """The run folder was deleted or replaced while this run held it."""
+
+
+_HELD: Dict[str, "RunLock"] = {}  # real path of a run folder -> the lock this process holds on it
+
+
+def check_still_held(folder: Path) -> None:
+    """Raise RunFolderLost if this process locked ``folder`` and it (or its run.lock) is no longer the one locked."""
+    lock = _HELD.get(os.path.realpath(folder))
+    if lock is not None:
+        lock.check()
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the lifetime of the run (or until :meth:`release`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: Optional[int] = None
+        self._created_folder = False
+        self._identity: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None  # (device, inode) of folder, lock
+
+    def acquire(self) -> "RunLock":
+        """Take the lock (creating the folder), or raise ConfigError naming the host and process holding it."""
+        self._created_folder = not os.path.lexists(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        refuse_link(self.folder, f"Pass the real folder: --output-dir {os.path.realpath(self.folder)}")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                refuse_link(self.path, f"Delete it, then rerun the command (with --resume {self.folder} if the "
+                                       "folder holds a run)")
+            raise ConfigError(f"cannot create {self.path}: {e.strerror}: choose another --output-dir") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise UnsafeFileError(f"{self.path} is not a plain file of the run (a hard link to a file elsewhere, or "
+                                  f"not a file): nothing is written through it. Delete it, then rerun the command")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            try:
+                who = json.loads(holder)
+                holder = f"process {who['pid']} on {who['host']} (since {who['started']})"
+            except (ValueError, KeyError, TypeError):
+                holder = "another process"
+            raise ConfigError(f"{self.folder} is in use by {holder}: a run is writing there. Wait for it to end or "
+                              "stop it, or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        folder = os.lstat(self.folder)
+        self._identity = ((folder.st_dev, folder.st_ino), (info.st_dev, info.st_ino))
+        _HELD[os.path.realpath(self.folder)] = self
+        return self
+
+    def check(self) -> None:
+        """Raise RunFolderLost if the folder or its run.lock is no longer the one this lock was taken on."""
+        if self._fd is None:
+            return
+        try:
+            folder, lock = os.lstat(self.folder), os.lstat(self.path)
+            now = ((folder.st_dev, folder.st_ino), (lock.st_dev, lock.st_ino))
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise RunFolderLost(f"{self.folder} was deleted or replaced while this run was writing there ({LOCK_NAME} "
+                                "is gone or another's): this run stops and writes nothing more there. A run now in "
+                                "that folder is not affected; if the folder was deleted by mistake, start the run "
+                                "again with the original command")
+
+    def release(self) -> None:
+        """Let go of the lock; a folder this run created and left with nothing trained (the lock and the args.yaml
+        it wrote) is removed."""
+        if self._fd is None:
+            return
+        _HELD.pop(os.path.realpath(self.folder), None)
+        try:
+            self.check()
+            left = {p.name for p in self.folder.iterdir()}
+        except (ConfigError, OSError):
+            left = None
+        if self._created_folder and left is not None and left <= {LOCK_NAME, "args.yaml"}:
+            try:
+                for name in left:
+                    (self.folder / name).unlink()
+                self.folder.rmdir()
+            except OSError:  # something appeared meanwhile: the folder stays, the error being raised is the news
+                pass
+        os.close(self._fd)
+        self._fd = None
