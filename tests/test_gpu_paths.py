@@ -1,5 +1,8 @@
 """The CUDA paths of issue 15, tested on the CPU: through train.py where a CPU shows the defect, else through their
 logic on constructed inputs (mocked device counts and capabilities, constructed checkpoint files), as each says."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -176,7 +179,7 @@ def test_a_v100_under_a_torch_without_sm_70_is_refused_naming_the_cuda_12_6_buil
 
     fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
     with pytest.raises(ConfigError, match=r"V100.*sm_70.*no kernels") as told:
-        check_cuda("fp16")
+        check_cuda()
     assert f"TORCH_INDEX_URL={LEGACY_INDEX_URL} bash scripts/env.sh" in str(told.value)
     assert LEGACY_INDEX_URL == "https://download.pytorch.org/whl/cu126"
 
@@ -194,33 +197,57 @@ def test_gpu_architectures_are_checked_against_the_torch_builds_kernels(monkeypa
 
     fake_gpus(monkeypatch, capability, arch_list)
     if runs:
-        check_cuda("bf16")
+        check_cuda()
     else:
         with pytest.raises(ConfigError, match=f"sm_{capability[0]}{capability[1]}.*get_arch_list"):
-            check_cuda("bf16")
+            check_cuda()
 
 
-@pytest.mark.parametrize("env, precision, refused", [
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "8"}, "fp16", True),  # v100x8.yaml on a machine where CUDA fails
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "fp16", True),  # gpu1.yaml with fp16
-    ({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, "no", False),  # cpu.yaml
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "bf16", False),  # one process, bf16 runs on the CPU too
-    ({}, "bf16", False),  # plain python train.py on a CPU machine
-], ids=["multi_gpu", "fp16", "cpu_config", "bf16_one_process", "plain_python"])
-def test_a_gpu_launch_without_usable_cuda_is_refused_naming_the_fix(monkeypatch, env, precision, refused):
+TORCHRUN = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+
+
+# What each launch puts in a process's environment (accelerate 1.15, read from a real launch of each on this machine)
+@pytest.mark.parametrize("env, refused, made_cpu", [
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "fp16"}, True, False),  # v100x8.yaml, and v100x8_multinode.yaml
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "bf16"}, True, False),  # a40x4.yaml, and a40x4_multinode.yaml
+    ({"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "bf16"}, True, False),  # gpu1.yaml: one process
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "no"}, False, True),  # cpu.yaml: its use_cpu is not passed on
+    ({"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "bf16"}, False, False),  # gpu1.yaml with --cpu
+    ({**TORCHRUN, "ACCELERATE_USE_CPU": "1", "ACCELERATE_MIXED_PRECISION": "fp16"}, False, False),  # asked in env
+    ({}, False, False),  # plain python train.py on a CPU machine
+], ids=["v100x8", "a40x4", "gpu1", "cpu_yaml", "gpu1_with_cpu_flag", "env_asks_cpu", "plain_python"])
+def test_a_gpu_launch_without_usable_cuda_is_refused_and_only_a_cpu_launch_is_made_one(monkeypatch, env, refused,
+                                                                                        made_cpu):
     from tract.config import ConfigError
-    from tract.runtime import check_cuda
+    from tract.runtime import check_cuda, cpu_launch
 
-    for key in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
+    for key in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", *TORCHRUN):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["train.py", "--epochs", "1", "--data-path", "my data"])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     if refused:
-        with pytest.raises(ConfigError, match=r"no usable GPU.*nvidia-smi.*TORCH_INDEX_URL=.*--cpu"):
-            check_cuda(precision)
+        with pytest.raises(ConfigError, match=r"configured for GPUs.*no usable GPU.*nvidia-smi.*TORCH_INDEX_URL=") as e:
+            check_cuda()
+        assert str(e.value).endswith("To train on the CPU: accelerate launch --config_file launch/accelerate/cpu.yaml "
+                                     "train.py --epochs 1 --data-path 'my data'")
     else:
-        check_cuda(precision)
+        check_cuda()
+    assert cpu_launch() is made_cpu
+    assert os.environ.get("ACCELERATE_USE_CPU") == ("1" if made_cpu else env.get("ACCELERATE_USE_CPU"))
+
+
+def test_bf16_with_gpu1_yaml_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    # gpu1.yaml's launcher sets ACCELERATE_USE_CPU=False, which a check for a non-empty value took for True
+    from tract.config import ConfigError
+    from tract.runtime import check_precision
+
+    fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    with pytest.raises(ConfigError, match="--mixed-precision fp16"):
+        check_precision("bf16")
 
 
 def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatch):
