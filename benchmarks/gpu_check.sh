@@ -67,7 +67,7 @@ if [ "${1:-}" = --prepare ]; then
     "$DEVICE_LIMIT_MIB MiB that travel: remove untracked files"
   echo "gpu_check: $carry/ holds Fashion-MNIST and timm $timm's wheel ($((carried / 1048576)) MiB; with the working" \
     "tree about $total_mib MiB of the $DEVICE_LIMIT_MIB that travel)."
-  echo "carry: [\"$carry\"]"
+  echo "carry: [\"$(realpath -s --relative-to=. "$carry")\"]" # the path from the repository's root
   echo "command: bash benchmarks/gpu_check.sh"
   echo "timeout_s: 400 (the plan's time boxes add to 250 s; the rest is room for the archive and a slow start)"
   exit 0

@@ -391,8 +391,9 @@ def test_gpu_check_stopped_mid_plan_still_leaves_the_archive_of_the_steps_that_e
     script = subprocess.Popen(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "gpu_check.tar.gz").exists() and script.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # the archive appears once the first step (env) has ended
+    while not list((tmp_path / "tmp").glob("*/gpu_check/overhead.log")) and script.poll() is None and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)  # the second step (overhead) has started: its log is there
     script.send_signal(signal.SIGTERM)
     _, stderr = script.communicate(timeout=60)
     assert script.returncode == 143, stderr[-3000:]
