@@ -2,7 +2,7 @@
 
     python train.py                                                    # Fashion-MNIST demo, a few CPU minutes
     python train.py -c configs/deit3_vit_s_400ep.yaml --data-path /data/imagenet
-    accelerate launch --multi_gpu --num_processes 4 train.py -c configs/deit3_vit_s_400ep.yaml --data-path ...
+    accelerate launch --config_file launch/accelerate/a40x4.yaml train.py -c configs/deit3_vit_s_400ep.yaml --data-path ...
 
 The run folder (``--output-dir``) gets ``args.yaml`` (``-c`` takes it back), ``log.txt`` (one JSON line per epoch),
 TensorBoard events, ``checkpoints/`` (``last``, ``best``; Accelerate save_state) and, at the end,
@@ -29,7 +29,7 @@ from tract.engine import (build_criterion, build_mixup, build_optimizer, build_s
 from tract.models import build_ema, build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, cpu_launch, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, run_cli
 
 
 def main(argv=None, args=None) -> None:
@@ -39,7 +39,6 @@ def main(argv=None, args=None) -> None:
     preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
     place = None
     try:
-        cpu_launch()  # a multi-process launch on a machine without a GPU (launch/accelerate/cpu.yaml): DDP over gloo
         accelerator = build_accelerator(args)
         say = accelerator.print
 

@@ -1,10 +1,17 @@
 """The CUDA paths of issue 15, tested on the CPU: through train.py where a CPU shows the defect, else through their
 logic on constructed inputs (mocked device counts and capabilities, constructed checkpoint files), as each says."""
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import train
 from test_train import fresh_accelerate_state, log_lines, tiny_run  # noqa: F401 (an autouse fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +183,7 @@ def test_a_v100_under_a_torch_without_sm_70_is_refused_naming_the_cuda_12_6_buil
 
     fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
     with pytest.raises(ConfigError, match=r"V100.*sm_70.*no kernels") as told:
-        check_cuda("fp16")
+        check_cuda()
     assert f"TORCH_INDEX_URL={LEGACY_INDEX_URL} bash scripts/env.sh" in str(told.value)
     assert LEGACY_INDEX_URL == "https://download.pytorch.org/whl/cu126"
 
@@ -194,33 +201,57 @@ def test_gpu_architectures_are_checked_against_the_torch_builds_kernels(monkeypa
 
     fake_gpus(monkeypatch, capability, arch_list)
     if runs:
-        check_cuda("bf16")
+        check_cuda()
     else:
         with pytest.raises(ConfigError, match=f"sm_{capability[0]}{capability[1]}.*get_arch_list"):
-            check_cuda("bf16")
+            check_cuda()
 
 
-@pytest.mark.parametrize("env, precision, refused", [
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "8"}, "fp16", True),  # v100x8.yaml on a machine where CUDA fails
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "fp16", True),  # gpu1.yaml with fp16
-    ({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, "no", False),  # cpu.yaml
-    ({"ACCELERATE_USE_CPU": "False", "WORLD_SIZE": "1"}, "bf16", False),  # one process, bf16 runs on the CPU too
-    ({}, "bf16", False),  # plain python train.py on a CPU machine
-], ids=["multi_gpu", "fp16", "cpu_config", "bf16_one_process", "plain_python"])
-def test_a_gpu_launch_without_usable_cuda_is_refused_naming_the_fix(monkeypatch, env, precision, refused):
+TORCHRUN = {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+
+
+# What each launch puts in a process's environment (accelerate 1.15, read from a real launch of each on this machine)
+@pytest.mark.parametrize("env, refused, made_cpu", [
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "fp16"}, True, False),  # v100x8.yaml, and v100x8_multinode.yaml
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "bf16"}, True, False),  # a40x4.yaml, and a40x4_multinode.yaml
+    ({"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "bf16"}, True, False),  # gpu1.yaml: one process
+    ({**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "no"}, False, True),  # cpu.yaml: its use_cpu is not passed on
+    ({"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "bf16"}, False, False),  # gpu1.yaml with --cpu
+    ({**TORCHRUN, "ACCELERATE_USE_CPU": "1", "ACCELERATE_MIXED_PRECISION": "fp16"}, False, False),  # asked in env
+    ({}, False, False),  # plain python train.py on a CPU machine
+], ids=["v100x8", "a40x4", "gpu1", "cpu_yaml", "gpu1_with_cpu_flag", "env_asks_cpu", "plain_python"])
+def test_a_gpu_launch_without_usable_cuda_is_refused_and_only_a_cpu_launch_is_made_one(monkeypatch, env, refused,
+                                                                                        made_cpu):
     from tract.errors import ConfigError
-    from tract.runtime import check_cuda
+    from tract.runtime import check_cuda, cpu_launch
 
-    for key in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
+    for key in ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", *TORCHRUN):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["train.py", "--epochs", "1", "--data-path", "my data"])
+    monkeypatch.chdir(REPO)
     if refused:
-        with pytest.raises(ConfigError, match=r"no usable GPU.*nvidia-smi.*TORCH_INDEX_URL=.*--cpu"):
-            check_cuda(precision)
+        with pytest.raises(ConfigError, match=r"configured for GPUs.*no usable GPU.*nvidia-smi.*TORCH_INDEX_URL=") as e:
+            check_cuda()
+        assert str(e.value).endswith("To train on the CPU: accelerate launch --config_file launch/accelerate/cpu.yaml "
+                                     "train.py --epochs 1 --data-path 'my data'")
     else:
-        check_cuda(precision)
+        check_cuda()
+    assert cpu_launch() is made_cpu
+    assert os.environ.get("ACCELERATE_USE_CPU") == ("1" if made_cpu else env.get("ACCELERATE_USE_CPU"))
+
+
+def test_bf16_with_gpu1_yaml_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    # gpu1.yaml's launcher sets ACCELERATE_USE_CPU=False, which a check for a non-empty value took for True
+    from tract.config import ConfigError
+    from tract.runtime import check_precision
+
+    fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    with pytest.raises(ConfigError, match="--mixed-precision fp16"):
+        check_precision("bf16")
 
 
 def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatch):
@@ -235,21 +266,13 @@ def test_a_launch_whose_processes_accelerate_does_not_join_is_refused(monkeypatc
     check_world_size(SimpleNamespace(num_processes=4, distributed_type="MULTI_GPU"))
 
 
-def floors(text: str) -> dict:
-    """{package: minimum version} of the 'name>=version' requirements in ``text``."""
-    import re
-
-    return {m[1]: m[2] for m in re.finditer(r'(?m)^\s*"?([A-Za-z0-9_.-]+)>=([0-9.]+)', text)}
-
-
 def test_version_floors_agree_and_the_apis_the_code_needs_from_them_are_there():
-    from pathlib import Path
-
     from packaging.version import Version
 
-    repo = Path(__file__).resolve().parents[1]
-    required = floors((repo / "requirements.txt").read_text())
-    declared = floors((repo / "pyproject.toml").read_text())
+    from gpu_env import floors  # what gpu_check.sh's env step checks on the GPU machine
+
+    required = floors((REPO / "requirements.txt").read_text())
+    declared = floors((REPO / "pyproject.toml").read_text())
     assert {k: required[k] for k in declared} == declared  # the package and the environment ask for the same
     assert {k: required[k] for k in ("torch", "torchvision", "timm", "accelerate")} == {
         "torch": "2.5", "torchvision": "0.20", "timm": "1.0.30", "accelerate": "1.1"}
@@ -274,30 +297,149 @@ def test_version_floors_agree_and_the_apis_the_code_needs_from_them_are_there():
     assert PrefetchLoader([], device=torch.device("cpu")).stream is None
 
 
-def test_gpu_check_runs_its_whole_plan_at_toy_size_on_the_cpu(tmp_path):
-    import csv
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+GPU_CHECK_TABLES = ["env.txt", "overhead.md", "throughput.md", "syncs.txt", "convergence.txt"]
 
-    repo = Path(__file__).resolve().parents[1]
+
+def timm_wheel(folder: Path) -> Path:
+    """A wheel of the timm installed here (the GPU machine is offline, and so is CI: built from site-packages)."""
+    import zipfile
+
+    import timm
+
+    site = Path(timm.__file__).parents[1]
+    info = site / f"timm-{timm.__version__}.dist-info"
+    folder.mkdir(parents=True)
+    wheel = folder / f"timm-{timm.__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path in [*(site / "timm").rglob("*"), *info.rglob("*")]:
+            if path.is_file() and "__pycache__" not in path.parts and path.name not in ("INSTALLER", "RECORD"):
+                z.write(path, path.relative_to(site))
+        z.writestr(f"{info.name}/RECORD", "")
+    return wheel
+
+
+def gpu_check_env(tmp_path: Path) -> dict:
+    """gpu_check.sh's environment on a machine whose timm is older than the floor, with a newer one carried."""
+    old = tmp_path / "old-site" / "timm-1.0.0.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: timm\nVersion: 1.0.0\n")
+    timm_wheel(tmp_path / "carry" / "wheels")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PYTHONPATH", "TORCHINDUCTOR"))}
+    return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "old-site"),
+            "GPU_CHECK_CARRY": str(tmp_path / "carry"), "TMPDIR": str(tmp_path / "tmp")}
+
+
+def archive(out: Path) -> dict:
+    """{member name: text} of the folder gpu_check/ in out/gpu_check.tar.gz."""
+    import tarfile
+
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
+
+
+def test_gpu_check_runs_its_whole_plan_at_toy_size_on_the_cpu_into_one_archive_and_one_summary(tmp_path):
+    import csv
+    import io
+    import subprocess
+
+    env = gpu_check_env(tmp_path)
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "check"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    done = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
-                          env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
-    assert [(name, status) for name, status, _ in steps] == [
+    # what comes back from the lent GPU machine: at most 8 files, here 2
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.md"]
+    files = archive(out)
+    steps = [line.split("\t") for line in files["gpu_check/steps.tsv"].splitlines()[1:]]
+    assert [(name, status) for name, status, _, _ in steps] == [
         ("env", "0"), ("overhead", "0"), ("throughput", "0"), ("syncs", "0"), ("convergence", "0")]
-    assert "no CUDA GPU" in (out / "env.txt").read_text()
-    assert "| cifar_vit | 4 |" in (out / "overhead.md").read_text()
-    assert "| compile + TrAct |" in (out / "throughput.md").read_text()
-    syncs = (out / "syncs.txt").read_text()
+    assert sorted(files) == sorted(["gpu_check/steps.tsv", "gpu_check/convergence/results.csv",
+                                    "gpu_check/convergence/results.md", "gpu_check/convergence/convergence.png",
+                                    *(f"gpu_check/{t}" for t in GPU_CHECK_TABLES),
+                                    *(f"gpu_check/{t.split('.')[0]}.log" for t in GPU_CHECK_TABLES)])
+    # the machine's timm was below the floor: the carried wheel was installed into a temporary folder and used
+    import timm
+
+    env_txt = files["gpu_check/env.txt"]
+    (timm_row,) = [line for line in env_txt.splitlines() if line.startswith("| timm |")]
+    cells = [c.strip() for c in timm_row.strip("|").split("|")]
+    assert cells[:3] == ["timm", "1.0.30", timm.__version__] and cells[4] == "yes"
+    assert cells[3].startswith(str(tmp_path / "tmp")) and cells[3].endswith("/site")
+    assert "no CUDA GPU" in env_txt and "| torch | 2.5 |" in env_txt and "| safetensors | 0.4 |" in env_txt
+    assert "| cifar_vit |" in files["gpu_check/overhead.md"]
+    assert "| base |" in files["gpu_check/throughput.md"] and "| compile + TrAct |" in files["gpu_check/throughput.md"]
+    syncs = files["gpu_check/syncs.txt"]
     assert "TrAct, eager: 3 updates" in syncs and "TrAct, compiled (aot_eager): 3 updates" in syncs
-    with open(out / "convergence" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(files["gpu_check/convergence/results.csv"])))
     assert len(rows) == 2 and {row["lam"] for row in rows} >= {"0.1"} and len({row["lam"] for row in rows}) == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["steps.tsv", "convergence", *(f"{s}.{e}" for s in ("env", "overhead", "throughput", "syncs", "convergence")
-                                       for e in (("txt" if s in ("env", "syncs", "convergence") else "md"), "log"))])
+    summary = (out / "summary.md").read_text()
+    for name in ("env", "overhead", "throughput", "syncs", "convergence"):
+        assert f"| {name} | 0 |" in summary
+    assert syncs in summary and files["gpu_check/throughput.md"] in summary
+    assert list((tmp_path / "tmp").iterdir()) == []  # the scratch folder (caches, data, runs) is gone
+
+
+def test_gpu_check_stopped_mid_plan_still_leaves_the_archive_of_the_steps_that_ended(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    env = gpu_check_env(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "check"
+    script = subprocess.Popen(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "tmp").glob("*/gpu_check/overhead.log")) and script.poll() is None and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)  # the second step (overhead) has started: its log is there
+    script.send_signal(signal.SIGTERM)
+    _, stderr = script.communicate(timeout=60)
+    assert script.returncode == 143, stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "summary.md"]
+    files = archive(out)
+    steps = [line.split("\t")[:2] for line in files["gpu_check/steps.tsv"].splitlines()[1:]]
+    assert steps == [["env", "0"], ["overhead", "stopped"]]
+    assert "| timm | 1.0.30 |" in files["gpu_check/env.txt"]
+    summary = (out / "summary.md").read_text()
+    assert "| overhead | stopped |" in summary and "| convergence | not run |" in summary
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_gpu_check_prepare_fills_one_ignored_folder_and_prints_the_carry_list_and_command(tmp_path):
+    import gzip
+    import shutil
+    import subprocess
+
+    import timm
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "gpu_check.sh", repo / "benchmarks")
+    shutil.copy(REPO / ".gitignore", repo)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    fmnist = tmp_path / "fmnist"
+    fmnist.mkdir()
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
+    for name in names:
+        (fmnist / name).write_bytes(gzip.compress(name.encode()))
+    wheels = repo / "gpu_carry" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / f"timm-{timm.__version__}-py3-none-any.whl").write_bytes(b"a wheel pip download fetched earlier")
+    env = {**os.environ, "PYTHON": sys.executable, "FMNIST_DIR": str(fmnist)}
+    env.pop("GPU_CHECK_CARRY", None)
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--prepare"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'carry: ["gpu_carry"]' in done.stdout.splitlines()
+    assert "command: bash benchmarks/gpu_check.sh" in done.stdout.splitlines()
+    for name in names:
+        assert (repo / "gpu_carry" / "fashion-mnist" / name).read_bytes() == (fmnist / name).read_bytes()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+    assert "gpu_carry" not in status  # ignored: it travels only as carry
+    refused = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--prepare"], cwd=repo,
+                             env={**env, "GPU_CHECK_CARRY": "benchmarks"}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not a folder git ignores" in refused.stderr

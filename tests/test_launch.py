@@ -7,6 +7,7 @@ Accelerate's own `accelerate launch` parser and the project's train.py parser.
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -413,3 +414,76 @@ def test_multinode_bad_input_fails_before_launching_with_the_fix(fakes, tmp_path
     assert out.returncode == 2 and message in out.stderr
     assert records("accelerate") == []
 
+
+# ------------------------------------------------------------------------- real launches on this machine (no GPU)
+GPU_CONFIGS = sorted(n for n, (_, multinode, _, cpu) in ACCELERATE_CONFIGS.items() if not cpu and not multinode)
+MULTINODE_CONFIGS = sorted(n for n, (_, multinode, _, _) in ACCELERATE_CONFIGS.items() if multinode)
+REFUSAL = "train.py: error: this launch is configured for GPUs"
+CPU_FIX = "To train on the CPU: "
+
+
+def no_gpu_env() -> dict:
+    """A user's environment on a machine without a usable GPU: no Accelerate variables, CUDA hidden if there is one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "PET_", "TORCH_ELASTIC"))}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    return env
+
+
+def tiny_training(data: Path) -> list:
+    """train.py arguments of a 2-update run on the conftest ImageFolder, as the issue's user would start one."""
+    return ["--data-set", "FOLDER", "--data-path", str(data), "--model", "vit_pico_patch7_28", "--input-size", "28",
+            "--batch-size", "4", "--epochs", "1", "--max-updates-per-epoch", "2", "--num-workers", "0",
+            "--no-progress", "--output-dir", "run"]
+
+
+def cpu_command(data: Path) -> list:
+    """What a refusal must tell the user to run instead: the same train.py command under cpu.yaml."""
+    return ["accelerate", "launch", "--config_file", str(LAUNCH / "accelerate" / "cpu.yaml"), str(REPO / "train.py"),
+            *tiny_training(data)]
+
+
+def assert_refused_before_anything_was_built(stdout: str, stderr: str, status: int, cwd: Path, data: Path):
+    assert status != 0, stdout[-2000:] + stderr[-3000:]
+    # once per machine, by its first process (accelerate's one-process launcher quotes it again in its traceback)
+    (told,) = [line for line in stderr.splitlines() if line.startswith(REFUSAL)]
+    assert shlex.split(told.split(CPU_FIX, 1)[1]) == cpu_command(data)
+    assert stdout == ""  # train.py said nothing else: no data, model or run summary was built
+    assert not (cwd / "run").exists()  # and nothing was written
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_a_gpu_config_launched_on_a_machine_without_a_gpu_stops_every_process_with_one_message(name, tiny_imagefolder,
+                                                                                              tmp_path):
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(LAUNCH / "accelerate" / name), "--num_processes", "2", "--main_process_port", "0",
+                          str(REPO / "train.py"), *tiny_training(tiny_imagefolder)],
+                         cwd=tmp_path, env=no_gpu_env(), capture_output=True, text=True, timeout=120)
+    assert_refused_before_anything_was_built(out.stdout, out.stderr, out.returncode, tmp_path, tiny_imagefolder)
+    assert f"mixed precision {ACCELERATE_CONFIGS[name][2]}), but torch" in out.stderr and "nvidia-smi" in out.stderr
+
+
+@pytest.mark.parametrize("name", MULTINODE_CONFIGS)
+def test_multinode_sh_with_a_gpu_config_on_two_loopback_machines_without_a_gpu_stops_both(name, tiny_imagefolder,
+                                                                                          tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    machines = [subprocess.Popen(
+        [str(LAUNCH / "multinode.sh"), "--config", str(LAUNCH / "accelerate" / name), "--gpus-per-node", "1",
+         "--nnodes", "2", "--machine-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port),
+         str(REPO / "train.py"), *tiny_training(tiny_imagefolder)],
+        cwd=tmp_path, env=no_gpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    for machine in machines:
+        stdout, stderr = machine.communicate(timeout=120)
+        assert_refused_before_anything_was_built(stdout, stderr, machine.returncode, tmp_path, tiny_imagefolder)
+        assert f"(2 process(es), mixed precision {ACCELERATE_CONFIGS[name][2]})" in stderr
+
+
+def test_the_cpu_command_a_refusal_names_trains_on_the_cpu(tiny_imagefolder, tmp_path):
+    done = subprocess.run(cpu_command(tiny_imagefolder), cwd=tmp_path, env=no_gpu_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "processes: 2" in done.stdout and "device: cpu" in done.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()

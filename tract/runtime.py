@@ -12,7 +12,9 @@ Ctrl-C (SIGINT) does the same and exits 130; a second one stops at once.
 import argparse
 import hashlib
 import os
+import shlex
 import signal
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -24,8 +26,8 @@ from tract.config import first_process_on_machine
 from tract.errors import ConfigError, DatasetError, WeightsError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
-           "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator", "cpu_launch",
-           "default_num_workers", "Preemption", "run_cli", "on_main"]
+           "launched_for_gpus", "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator",
+           "cpu_launch", "default_num_workers", "Preemption", "run_cli", "on_main"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -38,7 +40,7 @@ def requested_precision(args: argparse.Namespace) -> str:
 
 def check_precision(precision: str) -> None:
     """Refuse bf16 on a GPU that has none (compute capability < 8.0, e.g. V100) with the fix in the message."""
-    if precision != "bf16" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU"):
+    if precision != "bf16" or not torch.cuda.is_available() or _truthy(os.environ.get("ACCELERATE_USE_CPU")):
         return
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
@@ -74,25 +76,51 @@ def _has_kernels(capability: Tuple[int, int], arch_list: Sequence[str]) -> bool:
     return False
 
 
-def check_cuda(precision: str) -> None:
+def launched_for_gpus() -> Optional[str]:
+    """The GPU mixed precision ``accelerate launch`` was configured with, when it started this process; else None.
+
+    What a config reaches the processes with (accelerate 1.15): its ``mixed_precision`` always
+    (ACCELERATE_MIXED_PRECISION), its ``use_cpu`` only through the one-process launcher (ACCELERATE_USE_CPU, which
+    ``--cpu`` sets too); a multi-process launch is torchrun's, which hears of neither use_cpu nor the config file. So
+    the precision tells the configs of launch/accelerate/ apart: each GPU config asks for bf16 or fp16, cpu.yaml for
+    none. A launch with ``--cpu`` or ACCELERATE_USE_CPU=1 is not configured for GPUs, whatever its precision. What
+    reaches the processes cannot tell cpu.yaml from ``--multi_gpu`` without a config or a GPU config overridden with
+    ``--mixed_precision no``: those run on the CPU too where there is no GPU.
+    """
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "no" or _truthy(os.environ.get("ACCELERATE_USE_CPU")):
+        return None
+    return precision
+
+
+def _cpu_command() -> str:
+    """This process's own command, launched with launch/accelerate/cpu.yaml."""
+    config = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu.yaml"
+    if config.is_file() and config.is_relative_to(Path.cwd()):
+        config = config.relative_to(Path.cwd())
+    elif not config.is_file():  # an installed tract: the repository's file, named as the README names it
+        config = Path("launch/accelerate/cpu.yaml")
+    return shlex.join(["accelerate", "launch", "--config_file", str(config), *sys.argv])
+
+
+def check_cuda() -> None:
     """Refuse a GPU launch that cannot run, before anything is built, with the fix in the message.
 
-    A launch configured for GPUs (several processes, or fp16) where torch finds no usable GPU (no GPU, or a driver
-    older than this torch build needs): Accelerate would quietly run each process as its own CPU run. A GPU whose
-    architecture the installed torch has no kernels for (V100, sm_70, under torch's CUDA 13 wheels): the first kernel
-    would fail.
+    A launch configured for GPUs (``launched_for_gpus``) where torch finds no usable GPU (no GPU, or a driver older
+    than this torch build needs): Accelerate would run each process on the CPU. A GPU whose architecture the installed
+    torch has no kernels for (V100, sm_70, under torch's CUDA 13 wheels): the first kernel would fail.
     """
     if _truthy(os.environ.get("ACCELERATE_USE_CPU")):
         return
     if not torch.cuda.is_available():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if "ACCELERATE_USE_CPU" in os.environ and (world > 1 or precision == "fp16"):  # set by accelerate launch
+        precision = launched_for_gpus()
+        if precision:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
             raise ConfigError(
                 f"this launch is configured for GPUs ({world} process(es), mixed precision {precision}), but torch "
-                f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds no usable GPU, so each process "
-                "would train on the CPU alone. Check `nvidia-smi`; with an older driver (or a V100) install torch's "
-                f"CUDA 12.6 build: {_INSTALL_LEGACY} (README, Install); to train on the CPU on purpose, launch with "
-                "--cpu")
+                f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds no usable GPU. Check `nvidia-smi`; "
+                f"with an older driver (or a V100) install torch's CUDA 12.6 build: {_INSTALL_LEGACY} (README, "
+                f"Installing for GPUs). To train on the CPU: {_cpu_command()}")
         return
     arch_list = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
@@ -100,7 +128,7 @@ def check_cuda(precision: str) -> None:
         if _has_kernels(capability, arch_list):
             continue
         name, sm = torch.cuda.get_device_name(index), f"sm_{capability[0]}{capability[1]}"
-        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (README, Install)"
+        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (README, Installing for GPUs)"
                if capability < (7, 5) else
                f"install a torch build whose torch.cuda.get_arch_list() has {sm} (https://pytorch.org/get-started)")
         raise ConfigError(f"GPU {index}, {name} ({sm}), has no kernels in torch {torch.__version__}, which was built "
@@ -129,12 +157,13 @@ def build_accelerator(args: argparse.Namespace):
     An explicit mixed_precision would override the launcher's setting, so it is passed only when the user set one.
     On CUDA, TF32 and cuDNN autotuning are set as ``--tf32`` / ``--cudnn-benchmark`` say. A launch that cannot run
     on its GPUs, or whose processes Accelerate does not join into one run, is refused first (``check_cuda``,
-    ``check_world_size``).
+    ``check_world_size``); a multi-process CPU launch (cpu.yaml) is made one (``cpu_launch``).
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    check_cuda(requested_precision(args))
+    check_cuda()
+    cpu_launch()
     check_precision(requested_precision(args))
     if torch.cuda.is_available():
         set_cuda_speed_flags(args.tf32, args.cudnn_benchmark)
@@ -165,15 +194,16 @@ def on_main(accelerator, fn: Callable[[], Any]) -> Any:
 
 
 def cpu_launch() -> bool:
-    """Make a process of a multi-process launch that sees no GPU run on the CPU (DDP over gloo); True if it did.
+    """Make a process of a multi-process CPU launch (launch/accelerate/cpu.yaml) run on the CPU; True if it did.
 
-    ``accelerate launch --multi_gpu`` (and launch/accelerate/cpu.yaml) start the processes through torchrun without
-    passing a config's ``use_cpu`` on (accelerate 1.15), and Accelerate then turns a process without a GPU into a
-    single process of rank 0. ``ACCELERATE_USE_CPU`` is what Accelerate's own single-process launcher sets for this.
+    ``accelerate launch`` starts the processes of a multi-process config through torchrun without passing its
+    ``use_cpu`` on (accelerate 1.15), and Accelerate then turns a process without a GPU into a single process of
+    rank 0. ``ACCELERATE_USE_CPU`` is what Accelerate's own one-process launcher sets for this. A launch configured
+    for GPUs is never made one (``check_cuda`` refuses it).
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
-    if launched and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
-            "1", "true", "yes"):
+    if launched and not torch.cuda.is_available() and not launched_for_gpus() and not _truthy(
+            os.environ.get("ACCELERATE_USE_CPU")):
         os.environ["ACCELERATE_USE_CPU"] = "1"
         return True
     return False
