@@ -56,7 +56,7 @@ def report(required: Dict[str, str]) -> bool:
     import torch  # here, not at the top: --wheels runs before a carried wheel is installed and needs none of these
 
     sys.path.insert(0, str(REPO))
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import check_cuda
 
     print(f"python {platform.python_version()} ({sys.executable}), torch {torch.__version__} "

@@ -245,7 +245,7 @@ def test_a_gpu_launch_without_usable_cuda_is_refused_and_only_a_cpu_launch_is_ma
 
 def test_bf16_with_gpu1_yaml_on_a_gpu_without_bf16_is_refused(monkeypatch):
     # gpu1.yaml's launcher sets ACCELERATE_USE_CPU=False, which a check for a non-empty value took for True
-    from tract.config import ConfigError
+    from tract.errors import ConfigError
     from tract.runtime import check_precision
 
     fake_gpus(monkeypatch, (7, 0), CUDA13_ARCHS, "Tesla V100-SXM2-32GB")
