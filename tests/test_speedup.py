@@ -189,3 +189,16 @@ def test_every_committed_speedup_row_comes_from_the_protocol_commit_or_later():
         assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), commit  # no "+dirty"
         if shallow.stdout.strip() != "true":  # a shallow clone has no history to check the order against
             assert subprocess.run([*git, "merge-base", "--is-ancestor", protocol, commit]).returncode == 0, commit
+
+
+def test_no_interval_is_shown_before_the_protocols_eight_seeds_are_complete():
+    rows = grid_rows({b: 1e-3 for b in BUDGETS})
+    for seed in (0, 1, 2):
+        for arm, shift in (("vanilla", 1.0), ("tract", 2.0 + seed / 10)):
+            for b, acc in zip(BUDGETS, curve(shift)):
+                rows.append({"setting": "centre", "phase": "main", "arm": arm, "lr": 1e-3, "budget": b, "seed": seed,
+                             "acc1": acc, "acc5": 90.0})
+    r = speedup.analyse(rows, "centre")
+    assert r["seeds"] == [0, 1, 2] and math.isnan(r["low"])
+    assert r["per_seed"] == pytest.approx([2.0, 2.1, 2.2])
+    assert speedup.interval_text(r) == "none yet (3 of 8 seeds)" and speedup.inside_text(r) == "-"
