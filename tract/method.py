@@ -4,9 +4,11 @@ Only the first layer's weight gradient changes, to grad_W = grad_z^T X (X^T X / 
 (b, n) matrix of the layer's input rows (unfolded patches for a convolution). Forward values, the input gradient
 and the bias gradient are the ordinary ones, so TrAct can be switched on and off at any point of training.
 
-Cost: the ordinary weight gradient comes from the framework's own kernel, then it is right-multiplied by G^-1 through
-a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in backward from the
-input the layer saves anyway, so no activation memory is added and nothing runs in no-grad forward passes.
+Cost: the ordinary weight gradient grad_z^T X is one GEMM on the rows built for the Gram (in float32 at least, from
+upcast bf16/fp16 tensors, so the solve does not amplify the compute dtype's rounding), then it is right-multiplied
+by G^-1 through a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in
+backward from the input the layer saves anyway, so no activation memory is added and nothing runs in no-grad
+forward passes.
 
 Where lambda is below the float32 resolution of the Gram (about sqrt(eps) = 3.5e-4 times its largest diagonal entry:
 a tiny lambda, inputs in [0, 255], constant images), float32 cannot solve with it: lambda is raised to that floor on
@@ -150,25 +152,21 @@ def _spd_solve_right(rhs: Tensor, spd: Tensor, shift: float) -> Tensor:
     return torch.cholesky_solve(rhs.mT, chol).mT
 
 
-def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
-                shape: torch.Size, sync: bool, dtype: torch.dtype) -> Tensor:
-    """grad_w (X^T X / b + lam I)^-1 per group in ``dtype`` (lam floored as ``_spd_solve_right`` says).
-
-    Without ``grad_w`` the ordinary weight gradient is accumulated here as grad_z^T X, on the rows built anyway.
-    """
+def _gram_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size, sync: bool,
+                dtype: torch.dtype) -> Tensor:
+    """grad_z^T X (X^T X / b + lam I)^-1 per group, every product in ``dtype`` (lam floored as ``_spd_solve_right``
+    says); the ordinary weight gradient grad_z^T X is accumulated on the rows built for the Gram anyway."""
     groups = geo.groups if geo is not None else 1
     n = shape[1:].numel()
     per_item = _rows_per_item(x, geo)
     gram = torch.zeros(groups, n, n, dtype=dtype, device=x.device)
-    gw = torch.zeros(groups, shape[0] // groups, n, dtype=dtype, device=x.device) if grad_w is None else \
-        grad_w.reshape(groups, shape[0] // groups, n).to(dtype)
+    gw = torch.zeros(groups, shape[0] // groups, n, dtype=dtype, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // (per_item * n * groups))
     for start in range(0, x.shape[0], step):
         stop = min(start + step, x.shape[0])
         rows = _rows(x, geo, start, stop, dtype)
         _add_gram(gram, rows)
-        if grad_w is None:
-            gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
+        gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
     b = x.shape[0] * per_item
     if sync:
         # One all-reduce of the summed Grams and row counts: the Gram of all processes' rows together
@@ -192,21 +190,18 @@ def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: fl
     return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape)
 
 
-def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
-                   ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Ordinary input/weight/bias gradients of a convolution in one framework call (None for those not asked)."""
-    if not any(mask):
-        return None, None, None
+def _conv_input_grad(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry) -> Tensor:
+    """The ordinary input gradient of a convolution, from the framework's own kernel."""
     extra = [hi - lo for lo, hi in geo.pads]  # 'same' with an even kernel pads one more on the right
     if any(extra):
         x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
     dims = len(geo.kernel)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_z, x, w, [w.shape[0]] if mask[2] else None, list(geo.stride), [lo for lo, _ in geo.pads],
-        list(geo.dilation), False, [0] * dims, geo.groups, list(mask))
-    if gx is not None and any(extra):
+    gx, _, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, w, None, list(geo.stride), [lo for lo, _ in geo.pads], list(geo.dilation), False, [0] * dims,
+        geo.groups, [True, False, False])
+    if any(extra):
         gx = gx[(Ellipsis, *(slice(0, size - e) for size, e in zip(gx.shape[2:], extra)))]
-    return gx, gw, gb
+    return gx
 
 
 @contextlib.contextmanager
@@ -223,14 +218,15 @@ def _full_float32():
 
 
 @torch.library.custom_op("tract::weight_grad", mutates_args=())
-def _weight_grad(grad_z: Tensor, x: Tensor, grad_w: Optional[Tensor], shape: List[int], kernel: List[int],
-                 stride: List[int], pads: List[int], dilation: List[int], groups: int, lam: float, woodbury: bool,
-                 sync: bool) -> Tensor:
-    """TrAct's weight gradient from the saved input and grad_z (``grad_w``: the ordinary one, when already computed).
+def _weight_grad(grad_z: Tensor, x: Tensor, shape: List[int], kernel: List[int], stride: List[int], pads: List[int],
+                 dilation: List[int], groups: int, lam: float, woodbury: bool, sync: bool) -> Tensor:
+    """TrAct's weight gradient from the saved input and grad_z, both upcast to float32 at least.
 
     An operator of its own, so that torch.compile calls it as one opaque kernel: inside, autocast is off and the
     matmul precision is "highest" whatever the compiled graph around it was traced with (dynamo can neither trace an
     autocast change in a backward nor keep a precision change), and eager and compiled runs compute the same thing.
+    The ordinary weight gradient grad_z^T X is computed here too, never taken from the framework's kernel in the
+    layer's compute dtype: its bf16/fp16 (or TF32) rounding would be amplified by the solve.
     """
     geo = _Geometry(tuple(kernel), tuple(stride), None, tuple(zip(pads[::2], pads[1::2])), tuple(dilation),
                     groups) if kernel else None
@@ -238,12 +234,12 @@ def _weight_grad(grad_z: Tensor, x: Tensor, grad_w: Optional[Tensor], shape: Lis
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False), _full_float32():
         out = (_woodbury_tract(grad_z, x, geo, lam, torch.Size(shape), dtype) if woodbury else
-               _gram_tract(grad_w, grad_z, x, geo, lam, torch.Size(shape), sync, dtype))
+               _gram_tract(grad_z, x, geo, lam, torch.Size(shape), sync, dtype))
     return out.contiguous()  # the layout the fake kernel below promises the compiler
 
 
 @_weight_grad.register_fake
-def _(grad_z, x, grad_w, shape, kernel, stride, pads, dilation, groups, lam, woodbury, sync):
+def _(grad_z, x, shape, kernel, stride, pads, dilation, groups, lam, woodbury, sync):
     return x.new_empty(shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
@@ -274,33 +270,28 @@ class _TrActFunction(torch.autograd.Function):
         geo = ctx.geo
         if geo is None:
             x = x.reshape(-1, x.shape[-1])
-        need_w = ctx.needs_input_grad[1]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         sync = ctx.sync_gram and _world_size() > 1
-        # b < n: solve in the (b, b) row space, straight from grad_z, so the ordinary weight gradient is not needed.
-        woodbury = need_w and not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
-        need_x, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[2]
         # No autocast switch here (dynamo cannot trace one in a backward): grad_z and the saved x and weight already
-        # have the layer's compute dtype, so autocast would cast nothing below; the Gram and solve turn it off inside.
-        gw = None
+        # have the layer's compute dtype, so autocast would cast nothing below; the weight gradient turns it off inside.
+        gx = gb = gw = None
         if geo is None:
             gx = grad_z @ weight if need_x else None
             gb = grad_z.reshape(-1, grad_z.shape[-1]).sum(0) if need_b else None
         else:
-            # A grad_z whose items are channels-last (a ViT's patch embedding: flatten + transpose, often a slice
-            # past the class token) has rows that are a view or one cheap copy, and a GEMM on the patches TrAct
-            # builds anyway beats the framework's weight-gradient kernel, which copies it to NCHW first.
-            items_channels_last = len(grad_z) > 0 and grad_z[0].movedim(0, -1).is_contiguous()
-            framework_wgrad = need_w and not woodbury and not items_channels_last
-            # The framework's bias gradient rides along with its weight gradient; alone, a sum is far cheaper.
-            fused_bias = need_b and framework_wgrad
-            gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
-            if need_b and not fused_bias:
+            gx = _conv_input_grad(grad_z, x, weight, geo) if need_x else None
+            if need_b:
                 # Per item, then over items: fast for NCHW, channels-last and sliced (class-token) layouts alike,
-                # where one reduction over all but dim 1 is about 15x slower on the strided ones.
-                gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
+                # where one reduction over all but dim 1 is about 15x slower on the strided ones. Accumulated in
+                # float32 and rounded once, as the framework's bias gradient is.
+                acc = torch.promote_types(grad_z.dtype, torch.float32)
+                gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1, dtype=acc).sum(0).to(grad_z.dtype)
         if need_w:
+            # b < n: solve in the (b, b) row space, straight from grad_z.
+            woodbury = not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
             gw = _weight_grad(
-                grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1]), x, gw, list(weight.shape),
+                grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1]), x, list(weight.shape),
                 list(geo.kernel) if geo else [], list(geo.stride) if geo else [],
                 [p for pair in geo.pads for p in pair] if geo else [], list(geo.dilation) if geo else [],
                 geo.groups if geo else 1, ctx.lam, woodbury, sync)
