@@ -515,7 +515,8 @@ def test_bf16_autocast_weight_grad_is_the_float64_closed_form_of_what_the_layer_
     expected_out.backward(grad_out)
     assert wrapped.weight.grad.dtype == torch.float32
     if plain.bias is not None:  # the ordinary one; inductor may keep the float32 sum that eager rounds to bf16
-        torch.testing.assert_close(wrapped.bias.grad, plain.bias.grad, **({"rtol": 8e-3, "atol": 1e-5} if compiled else {}))
+        tolerance = {"rtol": 8e-3, "atol": 1e-5} if compiled else {}
+        torch.testing.assert_close(wrapped.bias.grad, plain.bias.grad, **tolerance)
     # What the layer saw: x cast to bf16, and the bf16 gradient of its output (tokens back to the conv's NCHW).
     grad_z = grad_out.transpose(1, 2).reshape(expected_out.shape[0], -1, *[s // plain.stride[0] for s in shape[2:]]) \
         if tokens else grad_out

@@ -18,7 +18,8 @@ SCALES = {"standardised": (1.0, 0.0), "pixels": (64.0, 128.0)}  # x = randn * sc
 def _data(rank: int, inputs: str):
     g = torch.Generator().manual_seed(100 + rank)
     scale, shift = SCALES[inputs]
-    return torch.randn(BATCH[rank], 3, 8, 8, generator=g) * scale + shift, torch.randn(BATCH[rank], 4, 4, 4, generator=g)
+    x = torch.randn(BATCH[rank], 3, 8, 8, generator=g) * scale + shift
+    return x, torch.randn(BATCH[rank], 4, 4, 4, generator=g)
 
 
 def _make_model(sync_gram: bool) -> nn.Module:
