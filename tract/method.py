@@ -39,9 +39,9 @@ _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d (or subclasses th
 # (e.g. 7x7/2 on 224 px, batch 256) never needs the whole (b, n) matrix at once.
 _CHUNK_BYTES = 1 << 26
 # float32 serves where eps32 * trace(G) / lam, float32's rounding of the Gram relative to lam, is at most this: the
-# relative error then measured at most 0.1 times that (e.g. 3e-5 at 6.5e-4: standardised 16-px patches of 1/f
+# relative error then measured at most 0.15 times that (e.g. 4.5e-5 at 7e-4: standardised 16-px patches of 1/f
 # images, lam 0.1). Normalised inputs at the paper's lambdas (0.05-0.2) stay 5 times or more below it; [0, 255]
-# inputs are over 1000 times above it.
+# inputs 100 times or more above it (benchmarks/exactness.py).
 _FLOAT32_MAX_ROUNDING = 1e-2
 # TrAct layers by id: tract::weight_grad (which takes no module) keeps each layer's first Gram scale on its layer.
 _LAYERS: "weakref.WeakValueDictionary[int, TrAct]" = weakref.WeakValueDictionary()
