@@ -396,6 +396,7 @@ class TrAct(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_gram_scale", None)  # pickled before the scale existed
         self._register()  # a copy is a layer of its own (it keeps the decided dtype: same data, same scale)
 
     @property
