@@ -187,7 +187,7 @@ def test_two_process_run_agrees_on_preemption_only_every_sync_interval_updates(u
     args = ["--data-set", "IMNET", "--data-path", uniform_imagefolder, "--model", "vit_pico_patch7_28",
             "--model-kwargs", "patch_size=4", "--input-size", "32", "--opt", "sgd", "--epochs", "2",
             "--batch-size", "1", "--num-workers", "0", "--no-progress", "--sync-interval", "4", "--output-dir", "run",
-            "--tract"]  # TrAct reads nothing back either
+            "--tract", "--tract-sync-gram"]  # TrAct reads back once, at its first backward, and copies nothing
     out = subprocess.run([str(c) for c in accelerate_launch("--multi_gpu", "--num_processes", "2",
                                                             "--main_process_port", "0", REPO / "tests" /
                                                             "sync_counter.py", counts, *args)],
@@ -199,10 +199,14 @@ def test_two_process_run_agrees_on_preemption_only_every_sync_interval_updates(u
     loss_checks = updates // interval
     end_of_epoch = {"collectives": 2, "reads": 2}  # loss and count summed over processes, read once
     loader_start = 2  # host tensors once per epoch: the sampler's permutation, the loader iterator's seed
-    expected = {"collectives": agreements + loss_checks + end_of_epoch["collectives"],
-                "reads": agreements + loss_checks + end_of_epoch["reads"] + loader_start}
+    gram_syncs = updates  # --tract-sync-gram: one all-reduce of the Gram (and its row count, made on the device)
+    epoch_copies = 2  # the epoch's loss sum and micro-batch count, made on the device once per epoch
+    expected = {"collectives": agreements + loss_checks + end_of_epoch["collectives"] + gram_syncs,
+                "reads": agreements + loss_checks + end_of_epoch["reads"] + loader_start,
+                "copies": agreements + epoch_copies}  # an agreement sends this process's host-side signal flag
+    first = {**expected, "reads": expected["reads"] + 1}  # TrAct's dtype, decided from its first Gram
     for rank in (0, 1):
-        assert json.loads((counts / f"rank-{rank}.json").read_text()) == [expected, expected]
+        assert json.loads((counts / f"rank-{rank}.json").read_text()) == [first, expected]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: sync debug mode exists only on CUDA")

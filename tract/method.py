@@ -4,19 +4,25 @@ Only the first layer's weight gradient changes, to grad_W = grad_z^T X (X^T X / 
 (b, n) matrix of the layer's input rows (unfolded patches for a convolution). Forward values, the input gradient
 and the bias gradient are the ordinary ones, so TrAct can be switched on and off at any point of training.
 
-Cost: the ordinary weight gradient comes from the framework's own kernel, then it is right-multiplied by G^-1 through
-a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in backward from the
-input the layer saves anyway, so no activation memory is added and nothing runs in no-grad forward passes.
+Cost: the ordinary weight gradient grad_z^T X is one GEMM on the rows built for the Gram (in float32 at least, from
+upcast bf16/fp16 tensors, so the solve does not amplify the compute dtype's rounding), then it is right-multiplied
+by G^-1 through a Cholesky solve (m n^2), never by inverting G or by transforming X (b n^2). The Gram is built in
+backward from the input the layer saves anyway, so no activation memory is added and nothing runs in no-grad
+forward passes.
 
-Where lambda is below the float32 resolution of the Gram (about sqrt(eps) = 3.5e-4 times its largest diagonal entry:
-a tiny lambda, inputs in [0, 255], constant images), float32 cannot solve with it: lambda is raised to that floor on
-the device. The step then has no host read, no graph break and no float64 work, eager and compiled alike; the weight
-gradient is computed by one operator (``tract::weight_grad``) that torch.compile calls as it is, in full float32.
+Precision: the solve is exact at the asked lambda. Its products run in float32 where float32's rounding of the Gram
+is negligible next to lambda (eps * trace(G) / lambda <= 1e-2: standardised or [0, 1] inputs at the paper's
+lambda), else in float64 (inputs in [0, 255], a tiny lambda, nearly constant images). Which one is decided once per
+layer, from the Gram of its first backward (the layer's only host read), and kept: no host read, no graph break
+after it, eager and compiled alike. The weight gradient is one operator (``tract::weight_grad``) that torch.compile
+calls as it is.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import weakref
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -29,9 +35,17 @@ __all__ = ["TrAct", "apply_tract", "remove_tract", "find_first_layer"]
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d (or subclasses that keep their forward)"
-# Unfolded patches are materialised in backward in chunks of at most this many elements (64 MiB in float32),
-# so a large stem (e.g. 7x7/2 on 224 px, batch 256) never needs the whole (b, n) matrix at once.
-_CHUNK_ELEMENTS = 1 << 24
+# Unfolded patches are materialised in backward in chunks of at most this many bytes (64 MiB), so a large stem
+# (e.g. 7x7/2 on 224 px, batch 256) never needs the whole (b, n) matrix at once.
+_CHUNK_BYTES = 1 << 26
+# float32 serves where eps32 * trace(G) / lam, float32's rounding of the Gram relative to lam, is at most this: the
+# relative error then measured at most 0.15 times that (e.g. 4.5e-5 at 7e-4: standardised 16-px patches of 1/f
+# images, lam 0.1). Normalised inputs at the paper's lambdas (0.05-0.2) stay 5 times or more below it; [0, 255]
+# inputs 100 times or more above it (benchmarks/exactness.py).
+_FLOAT32_MAX_ROUNDING = 1e-2
+# TrAct layers by id: tract::weight_grad (which takes no module) keeps each layer's first Gram scale on its layer.
+_LAYERS: "weakref.WeakValueDictionary[int, TrAct]" = weakref.WeakValueDictionary()
+_LAYER_IDS = itertools.count()
 # From this n on, the Gram is built from three half-size GEMMs (a symmetric rank-k product; torch has no syrk).
 _SYMMETRIC_MIN_N = 256
 
@@ -133,80 +147,76 @@ def _add_gram(gram: Tensor, rows: Tensor) -> None:
 
 
 def _spd_solve_right(rhs: Tensor, spd: Tensor, shift: float) -> Tensor:
-    """rhs @ (spd + shift' I)^-1 for batched PSD ``spd`` (modified in place), by one Cholesky factorisation.
+    """rhs @ (spd + shift I)^-1 for batched PSD ``spd`` (modified in place), by one Cholesky factorisation.
 
-    shift' = max(shift, sqrt(eps) * max diag(spd)), eps of ``spd``'s dtype (3.5e-4 relative in float32): ``shift``
-    itself wherever float32 can resolve it (with standardised or [0, 1] inputs the floor is far below the paper's
-    lambda). Below that, rounding of the Gram exceeds the shift: the factorisation fails or its solution is dominated
-    by rounding (errors up to 1/shift times float32's); at sqrt(eps) the two errors balance, and the result is the
-    exact solution for shift' to about 2e-3. Chosen on the device: no host read, no second factorisation, no
-    float64. The factorisation then succeeds for any finite Gram (its rounding is far below sqrt(eps) of its largest
-    entry for n up to thousands); a non-finite one gives a non-finite gradient, which the loss check reports.
+    It succeeds wherever the rounding of ``spd`` is far below ``shift``, which the choice of dtype ensures; with no
+    host read, a failure could not be seen here anyway (a non-finite result is reported by train.py's loss check).
     """
-    diagonal = spd.diagonal(dim1=-2, dim2=-1)
-    shift = (diagonal.amax(-1, keepdim=True) * math.sqrt(torch.finfo(spd.dtype).eps)).clamp(min=shift)
-    diagonal.add_(shift)  # (groups, 1) broadcast over each diagonal
+    spd.diagonal(dim1=-2, dim2=-1).add_(shift)
     chol, _ = torch.linalg.cholesky_ex(spd)
     return torch.cholesky_solve(rhs.mT, chol).mT
 
 
-def _gram_tract(grad_w: Optional[Tensor], grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float,
-                shape: torch.Size, sync: bool, dtype: torch.dtype) -> Tensor:
-    """grad_w (X^T X / b + lam I)^-1 per group in ``dtype`` (lam floored as ``_spd_solve_right`` says).
+def _trace(spd: Tensor) -> Tensor:
+    """The largest trace over the groups' matrices."""
+    return spd.diagonal(dim1=-2, dim2=-1).sum(-1).amax()
 
-    Without ``grad_w`` the ordinary weight gradient is accumulated here as grad_z^T X, on the rows built anyway.
-    """
+
+def _gram_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size, sync: bool,
+                dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(grad_z^T X (X^T X / b + lam I)^-1 per group, the largest trace(X^T X / b)), every product in ``dtype``; the
+    ordinary weight gradient grad_z^T X is accumulated on the rows built for the Gram anyway."""
     groups = geo.groups if geo is not None else 1
     n = shape[1:].numel()
     per_item = _rows_per_item(x, geo)
     gram = torch.zeros(groups, n, n, dtype=dtype, device=x.device)
-    gw = torch.zeros(groups, shape[0] // groups, n, dtype=dtype, device=x.device) if grad_w is None else \
-        grad_w.reshape(groups, shape[0] // groups, n).to(dtype)
-    step = max(1, _CHUNK_ELEMENTS // (per_item * n * groups))
+    gw = torch.zeros(groups, shape[0] // groups, n, dtype=dtype, device=x.device)
+    step = max(1, _CHUNK_BYTES // (per_item * n * groups * dtype.itemsize))
     for start in range(0, x.shape[0], step):
         stop = min(start + step, x.shape[0])
         rows = _rows(x, geo, start, stop, dtype)
         _add_gram(gram, rows)
-        if grad_w is None:
-            gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
+        gw.baddbmm_(_grad_rows(grad_z, geo, start, stop, dtype).mT, rows)
     b = x.shape[0] * per_item
     if sync:
         # One all-reduce of the summed Grams and row counts: the Gram of all processes' rows together
         # (the mean of the per-process Grams when every process has the same b).
-        packed = torch.cat([gram.flatten(), gram.new_tensor([b])])
+        # The count is written on the device (a fill), not copied from the host.
+        packed = torch.cat([gram.flatten(), gram.new_full((1,), b)])
         dist.all_reduce(packed)
         gram, b = packed[:-1].view_as(gram), packed[-1]
-    return _spd_solve_right(gw, gram / b, lam).reshape(shape)
+    gram = gram / b
+    trace = _trace(gram)
+    return _spd_solve_right(gw, gram, lam).reshape(shape), trace
 
 
 def _woodbury_tract(grad_z: Tensor, x: Tensor, geo: Optional[_Geometry], lam: float, shape: torch.Size,
-                    dtype: torch.dtype) -> Tensor:
-    """The TrAct weight gradient through a (b, b) system, for b < n (b lam floored as ``_spd_solve_right`` says).
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``_gram_tract``'s result through a (b, b) system, for b < n.
 
     grad_z^T X (X^T X / b + lam I)^-1 = b grad_z^T (X X^T + b lam I)^-1 X (push-through identity), which unlike the
     textbook Woodbury form subtracts nothing, so it keeps float32 accuracy when X X^T dominates b lam.
     """
     rows = _rows(x, geo, 0, x.shape[0], dtype)  # (g, b, n)
     b = rows.shape[1]
-    solved = _spd_solve_right(rows.mT, rows @ rows.mT, b * lam)  # X^T K^-1, (g, n, b)
-    return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape)
+    kernel = rows @ rows.mT
+    trace = _trace(kernel) / b  # trace(X X^T) = trace(X^T X)
+    solved = _spd_solve_right(rows.mT, kernel, b * lam)  # X^T K^-1, (g, n, b)
+    return (b * (solved @ _grad_rows(grad_z, geo, 0, x.shape[0], dtype)).mT).reshape(shape), trace
 
 
-def _conv_backward(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry, mask: Tuple[bool, bool, bool]
-                   ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Ordinary input/weight/bias gradients of a convolution in one framework call (None for those not asked)."""
-    if not any(mask):
-        return None, None, None
+def _conv_input_grad(grad_z: Tensor, x: Tensor, w: Tensor, geo: _Geometry) -> Tensor:
+    """The ordinary input gradient of a convolution, from the framework's own kernel."""
     extra = [hi - lo for lo, hi in geo.pads]  # 'same' with an even kernel pads one more on the right
     if any(extra):
         x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
     dims = len(geo.kernel)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad_z, x, w, [w.shape[0]] if mask[2] else None, list(geo.stride), [lo for lo, _ in geo.pads],
-        list(geo.dilation), False, [0] * dims, geo.groups, list(mask))
-    if gx is not None and any(extra):
+    gx, _, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, w, None, list(geo.stride), [lo for lo, _ in geo.pads], list(geo.dilation), False, [0] * dims,
+        geo.groups, [True, False, False])
+    if any(extra):
         gx = gx[(Ellipsis, *(slice(0, size - e) for size, e in zip(gx.shape[2:], extra)))]
-    return gx, gw, gb
+    return gx
 
 
 @contextlib.contextmanager
@@ -222,28 +232,65 @@ def _full_float32():
         torch.set_float32_matmul_precision(previous)
 
 
-@torch.library.custom_op("tract::weight_grad", mutates_args=())
-def _weight_grad(grad_z: Tensor, x: Tensor, grad_w: Optional[Tensor], shape: List[int], kernel: List[int],
-                 stride: List[int], pads: List[int], dilation: List[int], groups: int, lam: float, woodbury: bool,
-                 sync: bool) -> Tensor:
-    """TrAct's weight gradient from the saved input and grad_z (``grad_w``: the ordinary one, when already computed).
+def _solve_dtype(x_dtype: torch.dtype, lam: float, layer: int) -> Optional[torch.dtype]:
+    """The dtype of the layer's products and solve: float64 where float32 cannot resolve ``lam`` (None: not known
+    before the layer's first Gram)."""
+    if x_dtype == torch.float64:
+        return torch.float64
+    module = _LAYERS.get(layer)
+    scale = module._gram_scale if module is not None else None
+    if scale is None:
+        return None
+    return torch.float32 if _float32_resolves(scale, lam) else torch.float64
+
+
+def _float32_resolves(scale: float, lam: float) -> bool:
+    """Whether float32's rounding of a Gram with trace ``scale`` is negligible next to ``lam``."""
+    return torch.finfo(torch.float32).eps * scale / lam <= _FLOAT32_MAX_ROUNDING
+
+
+def _weight_grad_impl(grad_z: Tensor, x: Tensor, shape: List[int], kernel: List[int], stride: List[int],
+                      pads: List[int], dilation: List[int], groups: int, lam: float, woodbury: bool, sync: bool,
+                      layer: int) -> Tensor:
+    """TrAct's weight gradient from the saved input and grad_z, both upcast to float32 at least (float64 where
+    float32 cannot resolve lam: see the module's docstring).
 
     An operator of its own, so that torch.compile calls it as one opaque kernel: inside, autocast is off and the
     matmul precision is "highest" whatever the compiled graph around it was traced with (dynamo can neither trace an
-    autocast change in a backward nor keep a precision change), and eager and compiled runs compute the same thing.
+    autocast change in a backward nor keep a precision change), and eager and compiled runs compute the same thing,
+    the one host read at a layer's first backward included. The ordinary weight gradient grad_z^T X is computed here
+    too, never taken from the framework's kernel in the layer's compute dtype: its bf16/fp16 (or TF32) rounding
+    would be amplified by the solve.
     """
     geo = _Geometry(tuple(kernel), tuple(stride), None, tuple(zip(pads[::2], pads[1::2])), tuple(dilation),
                     groups) if kernel else None
-    # float32 at least: the Gram of bf16/fp16 rows is not representable in half precision.
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    size = torch.Size(shape)
+
+    def solve(dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        return (_woodbury_tract(grad_z, x, geo, lam, size, dtype) if woodbury else
+                _gram_tract(grad_z, x, geo, lam, size, sync, dtype))
+
+    dtype = _solve_dtype(x.dtype, lam, layer)
     with torch.autocast(x.device.type, enabled=False), _full_float32():
-        out = (_woodbury_tract(grad_z, x, geo, lam, torch.Size(shape), dtype) if woodbury else
-               _gram_tract(grad_w, grad_z, x, geo, lam, torch.Size(shape), sync, dtype))
-    return out.contiguous()  # the layout the fake kernel below promises the compiler
+        out, trace = solve(dtype or torch.float32)
+        if dtype is None:
+            # The layer's first Gram: its scale, read once, decides this and every later backward. With sync the
+            # Gram is the all-reduced one, so every process decides alike. An all-zero or non-finite batch decides
+            # nothing and the next one is asked.
+            scale = trace.item()
+            module = _LAYERS.get(layer)
+            if module is not None and math.isfinite(scale) and scale > 0:
+                module._gram_scale = scale
+            if math.isfinite(scale) and not _float32_resolves(scale, lam):
+                out, _ = solve(torch.float64)
+    return out.to(torch.promote_types(x.dtype, torch.float32)).contiguous()  # what the fake kernel promises
+
+
+_weight_grad = torch.library.custom_op("tract::weight_grad", _weight_grad_impl, mutates_args=())
 
 
 @_weight_grad.register_fake
-def _(grad_z, x, grad_w, shape, kernel, stride, pads, dilation, groups, lam, woodbury, sync):
+def _(grad_z, x, shape, kernel, stride, pads, dilation, groups, lam, woodbury, sync, layer):
     return x.new_empty(shape, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
@@ -252,9 +299,9 @@ class _TrActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], geo: Optional[_Geometry], lam: float,
-                sync_gram: bool) -> Tensor:
+                sync_gram: bool, layer: int) -> Tensor:
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.geo, ctx.lam, ctx.sync_gram, ctx.has_bias = geo, lam, sync_gram, bias is not None
+        ctx.geo, ctx.lam, ctx.sync_gram, ctx.has_bias, ctx.layer = geo, lam, sync_gram, bias is not None, layer
         device_type = x.device.type
         amp_dtype = _autocast_dtype(device_type)
         if amp_dtype is not None:
@@ -274,39 +321,34 @@ class _TrActFunction(torch.autograd.Function):
         geo = ctx.geo
         if geo is None:
             x = x.reshape(-1, x.shape[-1])
-        need_w = ctx.needs_input_grad[1]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         sync = ctx.sync_gram and _world_size() > 1
-        # b < n: solve in the (b, b) row space, straight from grad_z, so the ordinary weight gradient is not needed.
-        woodbury = need_w and not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
-        need_x, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[2]
         # No autocast switch here (dynamo cannot trace one in a backward): grad_z and the saved x and weight already
-        # have the layer's compute dtype, so autocast would cast nothing below; the Gram and solve turn it off inside.
-        gw = None
+        # have the layer's compute dtype, so autocast would cast nothing below; the weight gradient turns it off inside.
+        gx = gb = gw = None
         if geo is None:
             gx = grad_z @ weight if need_x else None
             gb = grad_z.reshape(-1, grad_z.shape[-1]).sum(0) if need_b else None
         else:
-            # A grad_z whose items are channels-last (a ViT's patch embedding: flatten + transpose, often a slice
-            # past the class token) has rows that are a view or one cheap copy, and a GEMM on the patches TrAct
-            # builds anyway beats the framework's weight-gradient kernel, which copies it to NCHW first.
-            items_channels_last = len(grad_z) > 0 and grad_z[0].movedim(0, -1).is_contiguous()
-            framework_wgrad = need_w and not woodbury and not items_channels_last
-            # The framework's bias gradient rides along with its weight gradient; alone, a sum is far cheaper.
-            fused_bias = need_b and framework_wgrad
-            gx, gw, gb = _conv_backward(grad_z, x, weight, geo, (need_x, framework_wgrad, fused_bias))
-            if need_b and not fused_bias:
+            gx = _conv_input_grad(grad_z, x, weight, geo) if need_x else None
+            if need_b:
                 # Per item, then over items: fast for NCHW, channels-last and sliced (class-token) layouts alike,
-                # where one reduction over all but dim 1 is about 15x slower on the strided ones.
-                gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1).sum(0)
+                # where one reduction over all but dim 1 is about 15x slower on the strided ones. Accumulated in
+                # float32 and rounded once, as the framework's bias gradient is.
+                acc = torch.promote_types(grad_z.dtype, torch.float32)
+                gb = grad_z.movedim(1, -1).flatten(1, -2).sum(1, dtype=acc).sum(0).to(grad_z.dtype)
         if need_w:
+            # b < n: solve in the (b, b) row space, straight from grad_z.
+            woodbury = not sync and x.shape[0] * _rows_per_item(x, geo) < weight[0].numel()
             gw = _weight_grad(
-                grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1]), x, gw, list(weight.shape),
+                grad_z if geo is not None else grad_z.reshape(-1, grad_z.shape[-1]), x, list(weight.shape),
                 list(geo.kernel) if geo else [], list(geo.stride) if geo else [],
                 [p for pair in geo.pads for p in pair] if geo else [], list(geo.dilation) if geo else [],
-                geo.groups if geo else 1, ctx.lam, woodbury, sync)
+                geo.groups if geo else 1, ctx.lam, woodbury, sync, ctx.layer)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gx.to(x_dtype) if gx is not None else None, gw.to(w_dtype) if gw is not None else None,
-                gb.to(b_dtype) if gb is not None else None, None, None, None)
+                gb.to(b_dtype) if gb is not None else None, None, None, None, None)
 
 
 class TrAct(nn.Module):
@@ -315,6 +357,10 @@ class TrAct(nn.Module):
     ``TrAct(layer, lam)`` returns a module of a subclass of ``type(layer)`` that holds the SAME Parameter objects
     under the same names (state_dict keys unchanged, optimizers built before wrapping keep working) and every
     attribute of the layer; ``isinstance(m, TrAct)`` and ``isinstance(m, type(layer))`` are both true.
+
+    The gradient is exact at ``lam``: computed in float32 where float32 resolves lam next to the Gram's scale, else
+    in float64, as decided from the Gram of the layer's first backward (one host read, then none). A copy keeps
+    the decision; a new ``lam`` is judged against the same scale without a read.
 
     Args:
         layer: nn.Linear (any leading dims) or nn.Conv1d/2d/3d (any stride, padding, dilation, groups, padding_mode).
@@ -341,6 +387,17 @@ class TrAct(nn.Module):
         object.__setattr__(self, "__dict__", _copy_module_dict(layer.__dict__))
         self.lam = lam
         self.sync_gram = bool(sync_gram)
+        self._gram_scale: Optional[float] = None  # trace(X^T X / b) of the first backward: decides the dtype
+        self._register()
+
+    def _register(self) -> None:
+        self._layer_id = next(_LAYER_IDS)
+        _LAYERS[self._layer_id] = self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_gram_scale", None)  # pickled before the scale existed
+        self._register()  # a copy is a layer of its own (it keeps the decided dtype: same data, same scale)
 
     @property
     def lam(self) -> float:
@@ -367,7 +424,7 @@ class TrAct(nn.Module):
                 padding, pads = (0,) * dims, ((0, 0),) * dims
             geo = _Geometry(tuple(self.kernel_size), tuple(self.stride), padding, pads, tuple(self.dilation),
                             self.groups)
-        return _TrActFunction.apply(x, self.weight, self.bias, geo, self.lam, self.sync_gram)
+        return _TrActFunction.apply(x, self.weight, self.bias, geo, self.lam, self.sync_gram, self._layer_id)
 
     def extra_repr(self) -> str:
         """The wrapped layer's description plus lam (and sync_gram when set)."""
@@ -381,7 +438,7 @@ class TrAct(nn.Module):
         """A plain ``type(layer)`` module holding the same Parameters (what TrAct wrapped)."""
         layer = self._tract_base.__new__(self._tract_base)
         state = _copy_module_dict(self.__dict__)
-        for key in ("_lam", "sync_gram"):
+        for key in ("_lam", "sync_gram", "_gram_scale", "_layer_id"):
             state.pop(key)
         object.__setattr__(layer, "__dict__", state)
         return layer

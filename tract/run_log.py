@@ -66,7 +66,8 @@ def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float,
         "input path": data.describe_input_path(),
         "tf32, cudnn.benchmark": (f"{'on' if args.tf32 else 'off'}, {'on' if args.cudnn_benchmark else 'off'}"
                                   if torch.cuda.is_available() else "n/a (no CUDA)"),
-        "host syncs": f"every {args.sync_interval} updates" + (" (TrAct adds none)" if tract_layer else ""),
+        "host syncs": f"every {args.sync_interval} updates" + (" (TrAct adds one, at its first backward: its dtype)"
+                                                                if tract_layer else ""),
         "evaluation": f"every {args.val_interval} epoch(s) and after the last",
         "mid-epoch checkpoints": (f"every {args.checkpoint_interval_updates} updates"
                                   if args.checkpoint_interval_updates else "off"),
