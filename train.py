@@ -79,8 +79,8 @@ def main(argv=None, args=None) -> None:
         state = TrainState()
         set_seed(args.seed + accelerator.process_index)  # different augmentations and mixup on every process
         if checkpoint is not None:
-            load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state, ema=ema,
-                            exact=not args.resume_inexact, log=say)
+            checkpoint = load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state,
+                                         ema=ema, exact=not args.resume_inexact, fallbacks=place.fallbacks, log=say)
             if state.epoch > args.epochs or state.update_in_epoch >= data.updates_per_epoch:  # a forged train state
                 raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
                                   f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
@@ -104,8 +104,8 @@ def main(argv=None, args=None) -> None:
                             n_parameters=n_parameters, log=say)
 
         # ---- the loop
-        if checkpoint is not None and settle_resume(accelerator, checkpoints, state, run_log):
-            end_epoch(state.epoch, state.pending)  # a kill came between the checkpoint and its log line
+        if checkpoint is not None and settle_resume(accelerator, checkpoints, state):
+            end_epoch(state.epoch, state.pending)  # the checkpoint came before its epoch's evaluation
         if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
             preemption.stop("before training started", output_dir, log=say)
         try:

@@ -9,11 +9,11 @@ import argparse
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from tract.checkpoint import checkpoint_names, link_target, name_position, relink, resolve_resume
+from tract.checkpoint import checkpoint_names, link_target, name_position, older_checkpoints, relink, resolve_resume
 from tract.config import save_args
 from tract.errors import ConfigError
 from tract.models import resolve_model_name
@@ -91,7 +91,7 @@ def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
     logged past it."""
     position = name_position(checkpoint.name)
     later = [n for n in checkpoint_names(run / "checkpoints") if name_position(n) > position]
-    logged = [r["epoch"] for r in read_log(run / "log.txt") if r["epoch"] > position[0]]  # numbered from 1
+    logged = [r["epoch"] for r in read_log(run / "log.txt") if r.get("epoch", 0) > position[0]]  # numbered from 1
     return later, logged
 
 
@@ -119,6 +119,7 @@ class RunPlace:
     checkpoint: Optional[Path] = None
     continues: bool = False  # --resume of a run folder: its log is cut back to the checkpoint
     lock: Optional[RunLock] = None
+    fallbacks: List[Path] = field(default_factory=list)  # older checkpoints, newest first, if ``checkpoint`` fails
 
     def release(self) -> None:
         """Let go of the folder's lock (at the end of the run, however it ends)."""
@@ -154,6 +155,8 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
         check_output_dir(output_dir)
         if os.path.lexists(output_dir):
             _check_own_files(Path(output_dir))
+        if continues:
+            read_log(Path(output_dir) / "log.txt")  # a doctored line is refused before anything is built
         if holds_run(output_dir) and not continues:
             raise ConfigError(f"{output_dir} already holds a run: pass --resume {output_dir} to continue it, or "
                               "choose another --output-dir")
@@ -183,6 +186,8 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
         args.finetune = args.finetune or saved.get("finetune")
     args.output_dir = str(output_dir)
     place = RunPlace(Path(output_dir), checkpoint, continues)
+    if checkpoint is not None and Path(args.resume).resolve() != checkpoint:  # a run folder: fall back if need be
+        place.fallbacks = older_checkpoints(checkpoint)
     if writes:
         place.lock = RunLock(output_dir)
         on_main(accelerator, place.lock.acquire)

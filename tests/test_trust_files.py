@@ -1,0 +1,293 @@
+"""Files a person can edit or swap, tried as a hostile or unlucky cluster user would: checkpoint files swapped after
+their verification, forged with a manifest rewritten to match, doctored run files (log.txt, args.yaml), FIFOs where
+files are expected, links planted while a checkpoint is written, foreign folders, and output paths TensorBoard cannot
+write. Each attack is a case of a table below; README's "Trust and recovery" counts them."""
+import json
+import os
+import re
+import signal
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import fresh_accelerate_state, log_lines  # noqa: F401  (fresh_accelerate_state: autouse)
+from test_trust import copy_run, resume_argv, rewrite_manifest, same_weights, two_epoch_run  # noqa: F401
+
+import train
+import tract.checkpoint
+from tract.config import ConfigError
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test that would wait forever (on a FIFO) after 60 s, instead of hanging the suite."""
+    def expire(signum, frame):
+        raise TimeoutError("still waiting after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def resumed_from(said: str) -> str:
+    """The checkpoint a run said it resumed from."""
+    return re.search(r"resumed from (\S+):", said)[1]
+
+
+# ---- each checkpoint file is opened once: what was verified is what is loaded ---------------------------------------
+
+def foreign_weights(folder: Path) -> Path:
+    """Someone else's weights for the same model, outside the run (all zeros, so the swap shows)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder.parent.parent.parent / "foreign.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(folder / "model.safetensors").items()}, str(path))
+    return path
+
+
+def swap_to_link(folder: Path, name: str) -> None:
+    target = foreign_weights(folder) if name.endswith(".safetensors") else folder.parent.parent.parent / "other.bin"
+    if not target.exists():
+        target.write_bytes((folder / name).read_bytes())
+    (folder / name).unlink()
+    (folder / name).symlink_to(target)
+
+
+def swap_to_fifo(folder: Path, name: str) -> None:
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+
+
+SWAPS = {"model.safetensors -> link to foreign weights": ("model.safetensors", swap_to_link),
+         "optimizer.bin -> FIFO": ("optimizer.bin", swap_to_fifo),
+         "random_states_0.pkl -> FIFO": ("random_states_0.pkl", swap_to_fifo),
+         "ema.safetensors -> link": ("ema.safetensors", swap_to_link)}
+
+
+@pytest.mark.parametrize("case", list(SWAPS))
+def test_a_checkpoint_file_swapped_after_its_verification_is_never_loaded_and_the_run_falls_back(
+        two_epoch_run, tmp_path, monkeypatch, capsys, deadline, case):
+    name, swap = SWAPS[case]
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    newest = out / "checkpoints" / "epoch-0002"
+    verify = tract.checkpoint.resolve_resume
+
+    def verify_then_swap(*args, **kwargs):
+        found = verify(*args, **kwargs)
+        swap(newest, name)  # the instant after verification: what a watcher of train_state.json can do
+        return found
+
+    monkeypatch.setattr(tract.checkpoint, "resolve_resume", verify_then_swap)
+    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
+    said = capsys.readouterr().out
+    assert re.search(f"skipped {newest / name}", said), said[-2000:]
+    assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
+
+
+# ---- forged files with the manifest rewritten to match: one message, and the previous checkpoint ---------------------
+
+def safetensors_parts(path: Path):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def write_safetensors(path: Path, header: dict, body: bytes, length: int = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + body)
+
+
+def tensor_names(header: dict):
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def forge_header(change):
+    def forge(folder: Path) -> None:
+        path = folder / "model.safetensors"
+        header, body = safetensors_parts(path)
+        change(header)
+        write_safetensors(path, header, body)
+    return forge
+
+
+def header_length(value: int):
+    def forge(folder: Path) -> None:
+        path = folder / "model.safetensors"
+        header, body = safetensors_parts(path)
+        write_safetensors(path, header, body, length=value)
+    return forge
+
+
+def past_the_end(header):
+    last = tensor_names(header)[-1]
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 64, end + 64]
+
+
+def overlapping(header):
+    first, second = tensor_names(header)[:2]
+    header[second]["data_offsets"] = [header[first]["data_offsets"][0] + 4,
+                                      header[first]["data_offsets"][0] + 4 + (header[second]["data_offsets"][1] -
+                                                                              header[second]["data_offsets"][0])]
+
+
+def out_of_range(header):
+    name = tensor_names(header)[0]
+    header[name]["data_offsets"] = [2**62, 2**62 + 4]
+
+
+def wrong_dtype(header):  # I32 has F32's size: safetensors reads it, load_state_dict would cast it silently
+    name = next(k for k in tensor_names(header) if header[k]["dtype"] == "F32")
+    header[name]["dtype"] = "I32"
+
+
+def wrong_shape(header):  # the same number of values in another shape
+    name = next(k for k in tensor_names(header) if header[k]["shape"] == [32])
+    header[name]["shape"] = [4, 8]
+
+
+def forge_optimizer(change):
+    def forge(folder: Path) -> None:
+        path = folder / "optimizer.bin"
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return forge
+
+
+def set_state(key, make):
+    def change(state):
+        state["state"][0][key] = make(state["state"][0][key])
+    return change
+
+
+def forge_rng(change):
+    def forge(folder: Path) -> None:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        path = folder / "random_states_0.pkl"
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return forge
+
+
+def nan_weight(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+FORGED = {
+    "header length 2^62": (header_length(2**62), "model.safetensors.*header length"),
+    "header length past the end": (header_length(10**6), "model.safetensors.*header length"),
+    "data past the end": (forge_header(past_the_end), "model.safetensors.*gap before it"),
+    "overlapping data_offsets": (forge_header(overlapping), "model.safetensors.*overlaps"),
+    "data_offsets out of range": (forge_header(out_of_range), "model.safetensors.*"),
+    "a dtype not the model's": (forge_header(wrong_dtype), "model.safetensors does not fit the model.*I32"),
+    "a shape not the model's": (forge_header(wrong_shape), r"model.safetensors does not fit the model.*\[4, 8\]"),
+    "NaN weights": (nan_weight, "model.safetensors.*not finite"),
+    "exp_avg of another shape": (forge_optimizer(set_state("exp_avg", lambda t: torch.zeros(3))),
+                                 "optimizer.bin.*exp_avg has shape"),
+    "exp_avg 0-d": (forge_optimizer(set_state("exp_avg", lambda t: torch.tensor(0.0))),
+                    "optimizer.bin.*exp_avg has shape"),
+    "exp_avg NaN": (forge_optimizer(set_state("exp_avg", lambda t: torch.full_like(t, float("nan")))),
+                    "optimizer.bin.*not finite"),
+    "step NaN": (forge_optimizer(set_state("step", lambda t: torch.tensor(float("nan")))),
+                 "optimizer.bin.*step is not a count"),
+    "a param group dropped": (forge_optimizer(lambda s: s.update(param_groups=s["param_groups"][:1])),
+                              "optimizer.bin.*1 parameter group"),
+    "a param group's lr NaN": (forge_optimizer(lambda s: s["param_groups"][0].update(lr=float("nan"))),
+                               "optimizer.bin.*lr is not a finite setting"),
+    "a 5-byte torch RNG state": (forge_rng(lambda s: s.update(torch_manual_seed=torch.zeros(5, dtype=torch.uint8))),
+                                 "random_states_0.pkl.*torch_manual_seed"),
+    "a short Python RNG state": (forge_rng(lambda s: s.update(random_state=(3, (1, 2, 3), None))),
+                                 "random_states_0.pkl.*random_state"),
+    "numpy RNG state of another type": (forge_rng(lambda s: s.update(numpy_random_seed="MT19937")),
+                                        "random_states_0.pkl.*numpy_random_seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_a_forged_checkpoint_file_with_a_matching_manifest_is_one_message_and_the_previous_one_is_used(
+        two_epoch_run, tmp_path, capsys, case):
+    forge, reason = FORGED[case]
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    newest = out / "checkpoints" / "epoch-0002"
+    forge(newest)
+    rewrite_manifest(newest)  # a forger, not damage: the manifest matches
+    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
+    said = capsys.readouterr().out
+    notes = [line for line in said.splitlines() if line.startswith("note: skipped")]
+    assert len(notes) == 1 and re.search(reason, notes[0]), said[-2000:]
+    assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
+
+
+def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    newest = out / "checkpoints" / "epoch-0002"
+    header_length(2**62)(newest)
+    rewrite_manifest(newest)
+    with pytest.raises(ConfigError, match=f"{newest / 'model.safetensors'}: its safetensors header length .*pass "
+                                          "its run folder instead"):
+        train.main([*resume_argv(two_epoch_run[1], out)[:-1], str(newest), "--eval"])
+
+
+def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    newest = out / "checkpoints" / "epoch-0002"
+    nan_weight(newest)
+    rewrite_manifest(newest)
+    train.main([*resume_argv(two_epoch_run[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
+    assert "skipped" in capsys.readouterr().out
+    assert [line["epoch"] for line in log_lines(out)] == [1, 2, 3]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(out / "model.safetensors").values())
+
+
+# ---- log.txt: typed lines, named when wrong; the best accuracy from the verified train state ------------------------
+
+BAD_LOG_VALUES = {"test_acc1 1000": '"test_acc1": 1000', "test_acc1 NaN": '"test_acc1": NaN',
+                  "test_acc1 Infinity": '"test_acc1": Infinity', "test_acc1 a string": '"test_acc1": "99"',
+                  "test_acc1 -5": '"test_acc1": -5', "epoch 1.5": '"epoch": 1.5', "epoch 0": '"epoch": 0',
+                  "epoch true": '"epoch": true', "not an object": None}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOG_VALUES))
+def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_compute(two_epoch_run, tmp_path, case):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    lines = (out / "log.txt").read_text().splitlines()
+    replacement = BAD_LOG_VALUES[case]
+    if replacement is None:
+        lines[0] = "[1, 2, 3]"
+    else:
+        key = replacement.split(":")[0]
+        lines[0] = re.sub(f'{key}: [^,}}]+', replacement, lines[0])
+    (out / "log.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"{out / 'log.txt'} line 1.*Restore or delete that line.*--resume {out}"):
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    assert len((out / "log.txt").read_text().splitlines()) == 2
+
+
+def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    state = json.loads((out / "checkpoints" / "epoch-0002" / "train_state.json").read_text())
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    real_best = max(line["test_acc1"] for line in lines)
+    fake = 100.0 if real_best < 100 else 50.0
+    lines[0]["test_acc1"] = fake  # a plausible, typed value: only the train state can tell it is not the run's
+    (out / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    said = capsys.readouterr().out
+    done = re.search(r"done: best test_acc1 ([0-9.]+)%", said)
+    assert float(done[1]) != fake
+    best3 = json.loads((out / "checkpoints" / "epoch-0003" / "train_state.json").read_text())["best_acc1"]
+    assert best3 >= state["best_acc1"] and best3 != fake
