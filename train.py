@@ -96,7 +96,7 @@ def main(argv=None, args=None) -> None:
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
                          resume_step=state.num_updates, hparams=vars(args))
         save = partial(save_checkpoint, accelerator, checkpoints, state, model=model, ema=ema,
-                       keep=args.checkpoint_hist)
+                       keep=args.checkpoint_hist, run_args=place.args_yaml)
         # Epochs are numbered from 1 wherever a user reads them (log.txt, messages, the checkpoint folder written
         # after epoch N is epoch-000N); `epoch` below is the 0-based index that seeds the data order and schedule.
         end_epoch = partial(evaluate_and_log, args=args, model=model, ema=ema, loader=val_loader,

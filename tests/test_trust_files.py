@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import fresh_accelerate_state, log_lines  # noqa: F401  (fresh_accelerate_state: autouse)
-from test_trust import copy_run, resume_argv, rewrite_manifest, same_weights, two_epoch_run  # noqa: F401
+from test_trust import copy_run, resume_argv, rewrite_manifest, two_epoch_run  # noqa: F401
 
 import train
 import tract.checkpoint
 from tract.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def finished(two_epoch_run):  # noqa: F811  (test_trust's fixture)
+    """A finished 2-epoch run keeping both epoch checkpoints, and its command (test_trust's two_epoch_run)."""
+    return two_epoch_run
 
 
 @pytest.fixture
@@ -69,9 +75,9 @@ SWAPS = {"model.safetensors -> link to foreign weights": ("model.safetensors", s
 
 @pytest.mark.parametrize("case", list(SWAPS))
 def test_a_checkpoint_file_swapped_after_its_verification_is_never_loaded_and_the_run_falls_back(
-        two_epoch_run, tmp_path, monkeypatch, capsys, deadline, case):
+        finished, tmp_path, monkeypatch, capsys, deadline, case):
     name, swap = SWAPS[case]
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    out = copy_run(finished[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     verify = tract.checkpoint.resolve_resume
 
@@ -81,7 +87,7 @@ def test_a_checkpoint_file_swapped_after_its_verification_is_never_loaded_and_th
         return found
 
     monkeypatch.setattr(tract.checkpoint, "resolve_resume", verify_then_swap)
-    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
+    train.main([*resume_argv(finished[1], out), "--eval"])
     said = capsys.readouterr().out
     assert re.search(f"skipped {newest / name}", said), said[-2000:]
     assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
@@ -217,35 +223,35 @@ FORGED = {
 
 @pytest.mark.parametrize("case", list(FORGED))
 def test_a_forged_checkpoint_file_with_a_matching_manifest_is_one_message_and_the_previous_one_is_used(
-        two_epoch_run, tmp_path, capsys, case):
+        finished, tmp_path, capsys, case):
     forge, reason = FORGED[case]
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    out = copy_run(finished[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     forge(newest)
     rewrite_manifest(newest)  # a forger, not damage: the manifest matches
-    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
+    train.main([*resume_argv(finished[1], out), "--eval"])
     said = capsys.readouterr().out
     notes = [line for line in said.splitlines() if line.startswith("note: skipped")]
     assert len(notes) == 1 and re.search(reason, notes[0]), said[-2000:]
     assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
 
 
-def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(two_epoch_run, tmp_path):
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(finished, tmp_path):
+    out = copy_run(finished[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     header_length(2**62)(newest)
     rewrite_manifest(newest)
     with pytest.raises(ConfigError, match=f"{newest / 'model.safetensors'}: its safetensors header length .*pass "
                                           "its run folder instead"):
-        train.main([*resume_argv(two_epoch_run[1], out)[:-1], str(newest), "--eval"])
+        train.main([*resume_argv(finished[1], out)[:-1], str(newest), "--eval"])
 
 
-def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(two_epoch_run, tmp_path, capsys):
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(finished, tmp_path, capsys):
+    out = copy_run(finished[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     nan_weight(newest)
     rewrite_manifest(newest)
-    train.main([*resume_argv(two_epoch_run[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
+    train.main([*resume_argv(finished[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
     assert "skipped" in capsys.readouterr().out
     assert [line["epoch"] for line in log_lines(out)] == [1, 2, 3]
     from safetensors.torch import load_file
@@ -262,8 +268,8 @@ BAD_LOG_VALUES = {"test_acc1 1000": '"test_acc1": 1000', "test_acc1 NaN": '"test
 
 
 @pytest.mark.parametrize("case", list(BAD_LOG_VALUES))
-def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_compute(two_epoch_run, tmp_path, case):
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_compute(finished, tmp_path, case):
+    out = copy_run(finished[0], tmp_path / "run")
     lines = (out / "log.txt").read_text().splitlines()
     replacement = BAD_LOG_VALUES[case]
     if replacement is None:
@@ -273,21 +279,171 @@ def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_comp
         lines[0] = re.sub(f'{key}: [^,}}]+', replacement, lines[0])
     (out / "log.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=f"{out / 'log.txt'} line 1.*Restore or delete that line.*--resume {out}"):
-        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+        train.main(resume_argv(finished[1], out) + ["--epochs", "3"])
     assert len((out / "log.txt").read_text().splitlines()) == 2
 
 
-def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(two_epoch_run, tmp_path, capsys):
-    out = copy_run(two_epoch_run[0], tmp_path / "run")
+def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(finished, tmp_path, capsys):
+    out = copy_run(finished[0], tmp_path / "run")
     state = json.loads((out / "checkpoints" / "epoch-0002" / "train_state.json").read_text())
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     real_best = max(line["test_acc1"] for line in lines)
     fake = 100.0 if real_best < 100 else 50.0
     lines[0]["test_acc1"] = fake  # a plausible, typed value: only the train state can tell it is not the run's
     (out / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
+    train.main(resume_argv(finished[1], out) + ["--epochs", "3"])
     said = capsys.readouterr().out
     done = re.search(r"done: best test_acc1 ([0-9.]+)%", said)
     assert float(done[1]) != fake
     best3 = json.loads((out / "checkpoints" / "epoch-0003" / "train_state.json").read_text())["best_acc1"]
     assert best3 >= state["best_acc1"] and best3 != fake
+
+
+# ---- args.yaml is covered by the run's integrity --------------------------------------------------------------------
+
+def edit_args(out: Path, **values) -> None:
+    import yaml
+
+    args = yaml.safe_load((out / "args.yaml").read_text())
+    args.update(values)
+    (out / "args.yaml").write_text(yaml.safe_dump(args))
+
+
+ARGS_EDITS = {"lr 1e-3 -> 4.0": {"lr": 4.0}, "weight decay": {"weight_decay": 0.5},
+              "TrAct off": {"tract": False}, "seed": {"seed": 7}, "mixup on": {"mixup": 0.8}}
+
+
+@pytest.mark.parametrize("case", list(ARGS_EDITS))
+def test_an_args_yaml_edited_since_the_run_started_is_refused_naming_the_keys(finished, tmp_path, case):
+    out = copy_run(finished[0], tmp_path / "run")
+    edit_args(out, **ARGS_EDITS[case])
+    key = next(iter(ARGS_EDITS[case]))
+    with pytest.raises(ConfigError, match=f"args.yaml was edited since the run started: {key} .*cp .*epoch-0002/"
+                                          "run_args.yaml .*--resume-override"):
+        train.main(resume_argv(finished[1], out)[-2:] + ["--epochs", "3"])  # --resume RUN alone
+    assert len(log_lines(out)) == 2
+
+
+def test_an_args_yaml_edit_taken_with_resume_override_is_recorded_in_the_log(finished, tmp_path):
+    out = copy_run(finished[0], tmp_path / "run")
+    edit_args(out, lr=4e-3)
+    train.main(["--resume", str(out), "--epochs", "3", "--resume-override"])
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line.get("epoch") for line in lines] == [1, 2, None, 3]
+    assert lines[2]["after_epoch"] == 2 and lines[2]["resume_override"] == "lr 0.001 -> 0.004"
+    train.main(["--resume", str(out), "--epochs", "4"])  # the run now started from the edited args.yaml: no refusal
+    assert len(log_lines(out)) == 5
+
+
+SOURCE_KWARGS = {"checkpoint_path": {"checkpoint_path": "/etc/hostname"},
+                 "pretrained + cache_dir": {"pretrained": True, "cache_dir": "/tmp/elsewhere"},
+                 "pretrained_cfg": {"pretrained_cfg": {"file": "/etc/hostname"}},
+                 "pretrained_cfg_overlay": {"pretrained_cfg_overlay": {"hf_hub_id": "timm/x"}}}
+
+
+@pytest.mark.parametrize("case", list(SOURCE_KWARGS))
+def test_model_kwargs_that_make_timm_read_files_are_refused_from_files_and_taken_from_the_command_line(
+        finished, tmp_path, case):
+    import yaml
+
+    import finetune
+    from tract.config import parse_args
+
+    values = SOURCE_KWARGS[case]
+    out = copy_run(finished[0], tmp_path / "run")
+    args = yaml.safe_load((out / "args.yaml").read_text())
+    edit_args(out, model_kwargs={**args["model_kwargs"], **values})
+    first = next(iter(values))
+    with pytest.raises(ConfigError, match=f"model_kwargs {first}=.*args.yaml.*read a file or the network"):
+        train.main(["--resume", str(out), "--epochs", "3"])
+    with pytest.raises(ConfigError, match=f"model_kwargs {first}=.*read a file or the network"):
+        finetune.main(["--finetune", str(out), "--dry-run"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model_kwargs": values}))
+    with pytest.raises(ConfigError, match=f"model_kwargs {first}=.*{config}"):
+        parse_args(["-c", str(config)])
+    typed = [f"{k}={v!r}" for k, v in values.items()]
+    assert parse_args(["-c", str(config), "--model-kwargs", *typed]).model_kwargs == values
+
+
+# ---- FIFOs, sockets and devices where a file is expected; signals while the start-up hangs -------------------------
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def special_path(tmp_path: Path, kind: str, name: str) -> Path:
+    """A path named ``name`` that is a FIFO, a socket, or (a link to) a character device."""
+    import socket
+
+    path = tmp_path / name
+    if kind == "FIFO":
+        return fifo(path)
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        return path
+    path.symlink_to("/dev/zero")
+    return path
+
+
+SPECIAL_INPUTS = {f"--finetune {kind} {name}": ("--finetune", kind, name, kind.split()[0])
+                  for kind in ("FIFO", "socket", "character device") for name in ("w.safetensors", "w.pth")}
+SPECIAL_INPUTS.update({f"{flag} FIFO": (flag, "FIFO", name, "FIFO") for flag, name in (
+    ("-c", "config.yaml"), ("--resume", "run"), ("--data-path", "data"))})
+
+
+@pytest.mark.parametrize("case", list(SPECIAL_INPUTS))
+def test_a_user_given_path_that_is_a_fifo_socket_or_device_is_refused_before_it_is_opened(tiny_imagefolder, tmp_path,
+                                                                                         deadline, case):
+    import finetune
+
+    flag, kind, name, said = SPECIAL_INPUTS[case]
+    path = special_path(tmp_path, kind, name)
+    out = tmp_path / "out"
+    argv = ["--data-set", "FOLDER", "--data-path", str(tiny_imagefolder), "--output-dir", str(out), flag, str(path)]
+    main = finetune.main if flag == "--finetune" else train.main
+    if flag == "--resume":
+        argv = argv[:-4] + argv[-2:]
+    with pytest.raises(ConfigError, match=f"{flag} {path} is a {said}.*nothing is read from it"):
+        main(argv)
+    assert not out.exists()
+
+
+def test_a_fifo_in_an_image_folder_is_one_message_naming_it_not_a_hang(tiny_imagefolder, tmp_path, deadline):
+    import shutil
+
+    from tract.data import DatasetError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    evil = fifo(data / "train" / "class_0" / "zz_evil.png")
+    with pytest.raises(DatasetError, match=f"cannot read image {evil}.*FIFO.*replace or delete the file"):
+        train.main(["--data-set", "FOLDER", "--data-path", str(data), "--input-size", "32", "--batch-size", "4",
+                    "--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "embed_dim=32", "depth=1",
+                    "num_heads=2", "--num-workers", "0", "--no-progress", "--output-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_while_the_start_up_hangs_ends_the_process_at_once(tiny_imagefolder, tmp_path, monkeypatch, capsys,
+                                                                     deadline, sig, code):
+    import time
+
+    import tract.data
+    from test_train import tiny_run
+
+    build = tract.data.build_dataset
+
+    def hang(*args, **kwargs):  # a start-up that never ends (a stalled file system), signalled by the cluster
+        os.kill(os.getpid(), sig)
+        while True:
+            time.sleep(0.1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(tract.data, "build_dataset", hang)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_run(tiny_imagefolder, out))
+    assert e.value.code == code
+    assert f"resume with --resume {out}" in capsys.readouterr().out

@@ -46,9 +46,13 @@ from tract.weights import parse_safetensors
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
            "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "older_checkpoints", "load_checkpoint",
            "repair_links",
-           "settle_resume", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST"]
+           "settle_resume", "checkpoint_args", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
+           "RUN_ARGS"]
 
 MANIFEST = "manifest.json"
+# A checkpoint's copy of its run's args.yaml as the run started: what an edit of args.yaml is found against. (Not
+# "args.yaml": that name marks a run folder.)
+RUN_ARGS = "run_args.yaml"
 _FORMAT = 1
 _NAME = re.compile(r"^epoch-(\d{4,9})(?:-update-(\d{6,9}))?$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # what save_state and train.py name their files
@@ -247,8 +251,10 @@ def _gather_partial(accelerator, state: TrainState) -> Dict[str, Any]:
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.nn.Module, ema=None,
-                    is_best: bool = False, keep: int = 1) -> Path:
+                    is_best: bool = False, keep: int = 1, run_args: Optional[bytes] = None) -> Path:
     """Save the training state (all processes call this) as ``root/<name>``; point ``last`` (and ``best``) at it.
+    ``run_args``: the run's args.yaml as this run started, kept in the checkpoint (covered by its manifest), so that
+    a resume finds any later edit of the run's args.yaml.
 
     Parameters that are not finite are never written: FloatingPointError, the previous checkpoint untouched. A disk
     that is full or read-only is one CheckpointError naming the folder and the free space, and no ``.tmp-*`` folder
@@ -281,6 +287,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             _write_json(tmp / "train_state.json", state.state_dict())
+            if run_args is not None:
+                write_new(tmp / RUN_ARGS, run_args)
             if ema is not None:
                 export_weights(plain_state_dict(ema), tmp / "ema.safetensors")
         accelerator.wait_for_everyone()  # every process has written its RNG state before the manifest is made
@@ -382,6 +390,13 @@ def verify_checkpoint(folder: Path) -> Optional[str]:
     except (CheckpointError, UnsafeFileError) as e:
         return str(e)
     return None
+
+
+def checkpoint_args(folder: Path) -> Optional[bytes]:
+    """The run's args.yaml as it was when the run that wrote ``folder`` started (read once and hashed against the
+    manifest), or None for a checkpoint written before checkpoints carried it."""
+    files = _listed_files(Path(folder))
+    return _read_listed(Path(folder), files, RUN_ARGS) if RUN_ARGS in files else None
 
 
 def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Optional[Path], Optional[Path]]:

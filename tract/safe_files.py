@@ -21,8 +21,8 @@ from tract.errors import ConfigError
 
 __all__ = ["UnsafeFileError", "MAX_JSON_BYTES", "MAX_YAML_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "link_problem",
            "refuse_link", "refuse_special", "remove_entry", "write_new", "write_atomic", "append_text", "read_bytes",
-           "read_exact", "parse_json", "read_json", "read_json_lines", "read_yaml", "sha256_file", "disk_full",
-           "disk_problem", "WriteFailed", "write_failed"]
+           "read_exact", "parse_json", "read_json", "read_json_lines", "parse_yaml", "read_yaml", "sha256_file",
+           "disk_full", "disk_problem", "WriteFailed", "write_failed"]
 
 MAX_JSON_BYTES = 1 << 20  # a manifest or train state is a few KB
 MAX_YAML_BYTES = 1 << 20  # args.yaml and configs are a few KB
@@ -355,9 +355,14 @@ def read_yaml(path: Path, limit: int = MAX_YAML_BYTES, *, follow: bool = False, 
 
 
 def _read_yaml(path: Path, limit: int, follow: bool) -> Any:
+    return parse_yaml(read_bytes(path, limit, follow), path)
+
+
+def parse_yaml(data: bytes, path: Any) -> Any:
+    """Parse YAML bytes with yaml.safe_load within the bounds (depth, expanded size, finite numbers); UnsafeFileError
+    naming ``path`` otherwise. The caller bounds the size."""
     import yaml
 
-    data = read_bytes(path, limit, follow)
     try:
         value = yaml.safe_load(data.decode())
     except RecursionError:
