@@ -29,16 +29,17 @@ from tract.engine import (build_criterion, build_mixup, build_optimizer, build_s
 from tract.models import build_ema, build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator, run_cli
 
 
 def main(argv=None, args=None) -> None:
     """Parse (or take finetune.py's ``args``), build, train, save; every user error is a ConfigError/DatasetError/
     WeightsError before any write."""
     args = args if args is not None else parse_args(argv, prog="train.py")
-    preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
+    preemption = Preemption(interval=args.sync_interval)
     place = None
     try:
+        preemption.install()  # before the first write: a signal during the start-up exits 75 too
         accelerator = build_accelerator(args)
         say = accelerator.print
 
@@ -106,7 +107,8 @@ def main(argv=None, args=None) -> None:
         # ---- the loop
         if checkpoint is not None and settle_resume(accelerator, checkpoints, state):
             end_epoch(state.epoch, state.pending)  # the checkpoint came before its epoch's evaluation
-        if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
+        preemption.arm()  # from here on a signal stops the run after an update, with a checkpoint
+        if preemption.should_stop(accelerator):  # signalled in the instant before: nothing new to save
             preemption.stop("before training started", output_dir, log=say)
         try:
             for epoch in range(state.epoch, args.epochs):
@@ -152,6 +154,8 @@ def main(argv=None, args=None) -> None:
         say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch + 1}, checkpoints/best); "
             f"weights in {output_dir / 'model.safetensors'}")
         accelerator.end_training()
+    except StartUpStopped:  # signalled before the first update, however far the start-up got: nothing to save
+        preemption.stop("before training started", place.output_dir if place is not None else None)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, in one line rather than a traceback
         last = place.output_dir / "checkpoints" / "last" if place is not None else None
         kept = (f"the newest checkpoint is {last.resolve()} (resume with --resume {place.output_dir})"

@@ -15,14 +15,8 @@ from test_train import fresh_accelerate_state, log_lines  # noqa: F401  (fresh_a
 from test_trust import copy_run, resume_argv, rewrite_manifest, two_epoch_run  # noqa: F401
 
 import train
-import tract.checkpoint
-from tract.config import ConfigError
-
-
-@pytest.fixture(scope="module")
-def finished(two_epoch_run):  # noqa: F811  (test_trust's fixture)
-    """A finished 2-epoch run keeping both epoch checkpoints, and its command (test_trust's two_epoch_run)."""
-    return two_epoch_run
+import tract.run_folder
+from tract.errors import ConfigError, DatasetError
 
 
 @pytest.fixture
@@ -75,19 +69,19 @@ SWAPS = {"model.safetensors -> link to foreign weights": ("model.safetensors", s
 
 @pytest.mark.parametrize("case", list(SWAPS))
 def test_a_checkpoint_file_swapped_after_its_verification_is_never_loaded_and_the_run_falls_back(
-        finished, tmp_path, monkeypatch, capsys, deadline, case):
+        two_epoch_run, tmp_path, monkeypatch, capsys, deadline, case):
     name, swap = SWAPS[case]
-    out = copy_run(finished[0], tmp_path / "run")
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
-    verify = tract.checkpoint.resolve_resume
+    verify = tract.run_folder.resolve_resume
 
     def verify_then_swap(*args, **kwargs):
         found = verify(*args, **kwargs)
         swap(newest, name)  # the instant after verification: what a watcher of train_state.json can do
         return found
 
-    monkeypatch.setattr(tract.checkpoint, "resolve_resume", verify_then_swap)
-    train.main([*resume_argv(finished[1], out), "--eval"])
+    monkeypatch.setattr(tract.run_folder, "resolve_resume", verify_then_swap)
+    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
     said = capsys.readouterr().out
     assert re.search(f"skipped {newest / name}", said), said[-2000:]
     assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
@@ -223,35 +217,35 @@ FORGED = {
 
 @pytest.mark.parametrize("case", list(FORGED))
 def test_a_forged_checkpoint_file_with_a_matching_manifest_is_one_message_and_the_previous_one_is_used(
-        finished, tmp_path, capsys, case):
+        two_epoch_run, tmp_path, capsys, case):
     forge, reason = FORGED[case]
-    out = copy_run(finished[0], tmp_path / "run")
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     forge(newest)
     rewrite_manifest(newest)  # a forger, not damage: the manifest matches
-    train.main([*resume_argv(finished[1], out), "--eval"])
+    train.main([*resume_argv(two_epoch_run[1], out), "--eval"])
     said = capsys.readouterr().out
     notes = [line for line in said.splitlines() if line.startswith("note: skipped")]
     assert len(notes) == 1 and re.search(reason, notes[0]), said[-2000:]
     assert resumed_from(said) == str(out / "checkpoints" / "epoch-0001")
 
 
-def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(finished, tmp_path):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     header_length(2**62)(newest)
     rewrite_manifest(newest)
     with pytest.raises(ConfigError, match=f"{newest / 'model.safetensors'}: its safetensors header length .*pass "
                                           "its run folder instead"):
-        train.main([*resume_argv(finished[1], out)[:-1], str(newest), "--eval"])
+        train.main([*resume_argv(two_epoch_run[1], out)[:-1], str(newest), "--eval"])
 
 
-def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(finished, tmp_path, capsys):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     nan_weight(newest)
     rewrite_manifest(newest)
-    train.main([*resume_argv(finished[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
+    train.main([*resume_argv(two_epoch_run[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
     assert "skipped" in capsys.readouterr().out
     assert [line["epoch"] for line in log_lines(out)] == [1, 2, 3]
     from safetensors.torch import load_file
@@ -268,8 +262,8 @@ BAD_LOG_VALUES = {"test_acc1 1000": '"test_acc1": 1000', "test_acc1 NaN": '"test
 
 
 @pytest.mark.parametrize("case", list(BAD_LOG_VALUES))
-def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_compute(finished, tmp_path, case):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_compute(two_epoch_run, tmp_path, case):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     lines = (out / "log.txt").read_text().splitlines()
     replacement = BAD_LOG_VALUES[case]
     if replacement is None:
@@ -279,19 +273,19 @@ def test_a_doctored_log_line_is_one_message_naming_the_file_and_line_before_comp
         lines[0] = re.sub(f'{key}: [^,}}]+', replacement, lines[0])
     (out / "log.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=f"{out / 'log.txt'} line 1.*Restore or delete that line.*--resume {out}"):
-        train.main(resume_argv(finished[1], out) + ["--epochs", "3"])
+        train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
     assert len((out / "log.txt").read_text().splitlines()) == 2
 
 
-def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(finished, tmp_path, capsys):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(two_epoch_run, tmp_path, capsys):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     state = json.loads((out / "checkpoints" / "epoch-0002" / "train_state.json").read_text())
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     real_best = max(line["test_acc1"] for line in lines)
     fake = 100.0 if real_best < 100 else 50.0
     lines[0]["test_acc1"] = fake  # a plausible, typed value: only the train state can tell it is not the run's
     (out / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    train.main(resume_argv(finished[1], out) + ["--epochs", "3"])
+    train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
     said = capsys.readouterr().out
     done = re.search(r"done: best test_acc1 ([0-9.]+)%", said)
     assert float(done[1]) != fake
@@ -314,18 +308,18 @@ ARGS_EDITS = {"lr 1e-3 -> 4.0": {"lr": 4.0}, "weight decay": {"weight_decay": 0.
 
 
 @pytest.mark.parametrize("case", list(ARGS_EDITS))
-def test_an_args_yaml_edited_since_the_run_started_is_refused_naming_the_keys(finished, tmp_path, case):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_an_args_yaml_edited_since_the_run_started_is_refused_naming_the_keys(two_epoch_run, tmp_path, case):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     edit_args(out, **ARGS_EDITS[case])
     key = next(iter(ARGS_EDITS[case]))
     with pytest.raises(ConfigError, match=f"args.yaml was edited since the run started: {key} .*cp .*epoch-0002/"
                                           "run_args.yaml .*--resume-override"):
-        train.main(resume_argv(finished[1], out)[-2:] + ["--epochs", "3"])  # --resume RUN alone
+        train.main(resume_argv(two_epoch_run[1], out)[-2:] + ["--epochs", "3"])  # --resume RUN alone
     assert len(log_lines(out)) == 2
 
 
-def test_an_args_yaml_edit_taken_with_resume_override_is_recorded_in_the_log(finished, tmp_path):
-    out = copy_run(finished[0], tmp_path / "run")
+def test_an_args_yaml_edit_taken_with_resume_override_is_recorded_in_the_log(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     edit_args(out, lr=4e-3)
     train.main(["--resume", str(out), "--epochs", "3", "--resume-override"])
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -343,14 +337,14 @@ SOURCE_KWARGS = {"checkpoint_path": {"checkpoint_path": "/etc/hostname"},
 
 @pytest.mark.parametrize("case", list(SOURCE_KWARGS))
 def test_model_kwargs_that_make_timm_read_files_are_refused_from_files_and_taken_from_the_command_line(
-        finished, tmp_path, case):
+        two_epoch_run, tmp_path, case):
     import yaml
 
     import finetune
     from tract.config import parse_args
 
     values = SOURCE_KWARGS[case]
-    out = copy_run(finished[0], tmp_path / "run")
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
     args = yaml.safe_load((out / "args.yaml").read_text())
     edit_args(out, model_kwargs={**args["model_kwargs"], **values})
     first = next(iter(values))
@@ -413,8 +407,6 @@ def test_a_user_given_path_that_is_a_fifo_socket_or_device_is_refused_before_it_
 
 def test_a_fifo_in_an_image_folder_is_one_message_naming_it_not_a_hang(tiny_imagefolder, tmp_path, deadline):
     import shutil
-
-    from tract.data import DatasetError
 
     data = tmp_path / "data"
     shutil.copytree(tiny_imagefolder, data)

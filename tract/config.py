@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import yaml
 
 from tract.errors import ConfigError
-from tract.safe_files import read_yaml, write_atomic
+from tract.safe_files import read_yaml, refuse_special, write_atomic
 
 __all__ = ["DATASETS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
            "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "find_run_args",
@@ -377,6 +377,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     first.add_argument("-c", "--config", default=None)
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
+    for flag, value in (("-c", known.config), ("--resume", known.resume)):
+        if value:
+            refuse_special(Path(value).expanduser(), flag)  # before anything opens it: a FIFO would hang the open
     run_args = find_run_args(known.resume) if known.resume and Path(known.resume).expanduser().is_dir() else None
     saved = {}
     if run_args is not None:  # the run continues as it was started: its own arguments are the base
@@ -388,6 +391,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
+    for flag, value in (("--finetune", args.finetune), ("--data-path", args.data_path)):
+        if value:
+            refuse_special(Path(value).expanduser(), flag)
     validate_args(args)
     _check_model_sources(args, argv, known.config or run_args)
     if saved:

@@ -20,9 +20,9 @@ from typing import Any, Callable, List, Optional
 from tract.errors import ConfigError
 
 __all__ = ["UnsafeFileError", "MAX_JSON_BYTES", "MAX_YAML_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "link_problem",
-           "refuse_link", "refuse_special", "remove_entry", "write_new", "write_atomic", "append_text", "read_bytes",
-           "read_exact", "parse_json", "read_json", "read_json_lines", "parse_yaml", "read_yaml", "sha256_file",
-           "disk_full", "disk_problem", "WriteFailed", "write_failed"]
+           "refuse_link", "special_kind", "refuse_special", "remove_entry", "write_new", "write_atomic",
+           "append_text", "read_bytes", "read_exact", "parse_json", "read_json", "read_json_lines", "parse_yaml",
+           "read_yaml", "sha256_file", "disk_full", "disk_problem", "WriteFailed", "write_failed"]
 
 MAX_JSON_BYTES = 1 << 20  # a manifest or train state is a few KB
 MAX_YAML_BYTES = 1 << 20  # args.yaml and configs are a few KB
@@ -97,18 +97,23 @@ _KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat
           (stat.S_ISBLK, "block device"))
 
 
+def special_kind(mode: int) -> Optional[str]:
+    """What a file of ``mode`` (``st_mode``) is when it is a FIFO, socket or device, whose reading may wait forever
+    or never end; None for a regular file or folder."""
+    return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
 def refuse_special(path: Path, what: str) -> None:
     """Refuse a user-given path that is a FIFO, socket or device, found by ``stat`` (links followed: a user's own path
     may be one), never by opening it, which waits for a FIFO's writer; a path that does not exist passes (its reader
     says so)."""
     try:
-        mode = os.stat(path).st_mode
+        kind = special_kind(os.stat(path).st_mode)
     except OSError:
         return
-    for test, kind in _KINDS:
-        if test(mode):
-            raise UnsafeFileError(f"{what} {path} is a {kind}, not a file or folder: nothing is read from it. Pass a "
-                                  "regular file or folder")
+    if kind:
+        raise UnsafeFileError(f"{what} {path} is a {kind}, not a file or folder: nothing is read from it. Pass a "
+                              "regular file or folder")
 
 
 def remove_entry(path: Path) -> None:
