@@ -155,6 +155,8 @@ def main(argv=None, args=None) -> None:
             f"weights in {output_dir / 'model.safetensors'}")
         accelerator.end_training()
     except StartUpStopped:  # signalled before the first update, however far the start-up got: nothing to save
+        if place is not None:
+            place.release(keep=True)  # what the requeued job resumes: its args.yaml holds the command's options
         preemption.stop("before training started", place.output_dir if place is not None else None)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, in one line rather than a traceback
         last = place.output_dir / "checkpoints" / "last" if place is not None else None

@@ -146,10 +146,10 @@ class RunPlace:
     args_yaml: Optional[bytes] = None  # the run's args.yaml as this run started: each checkpoint keeps a copy
     overrides: str = ""  # what --resume-override let change against the args.yaml the run started with
 
-    def release(self) -> None:
-        """Let go of the folder's lock (at the end of the run, however it ends)."""
+    def release(self, keep: bool = False) -> None:
+        """Let go of the folder's lock (at the end of the run, however it ends); ``keep``: see RunLock.release."""
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(keep)
 
 
 def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], None] = print) -> RunPlace:

@@ -102,9 +102,9 @@ class RunLock:
                                 "that folder is not affected; if the folder was deleted by mistake, start the run "
                                 "again with the original command")
 
-    def release(self) -> None:
+    def release(self, keep: bool = False) -> None:
         """Let go of the lock; a folder this run created and left with nothing trained (the lock and the args.yaml
-        it wrote) is removed."""
+        it wrote) is removed, unless ``keep`` (a start-up stopped by a signal: the requeued job resumes it)."""
         if self._fd is None:
             return
         _HELD.pop(os.path.realpath(self.folder), None)
@@ -113,7 +113,7 @@ class RunLock:
             left = {p.name for p in self.folder.iterdir()}
         except (ConfigError, OSError):
             left = None
-        if self._created_folder and left is not None and left <= {LOCK_NAME, "args.yaml"}:
+        if self._created_folder and not keep and left is not None and left <= {LOCK_NAME, "args.yaml"}:
             try:
                 for name in left:
                     (self.folder / name).unlink()
