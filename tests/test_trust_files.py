@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import fresh_accelerate_state, log_lines  # noqa: F401  (fresh_accelerate_state: autouse)
-from test_trust import copy_run, resume_argv, rewrite_manifest, two_epoch_run  # noqa: F401
+from test_trust import copy_run, resume_argv, rewrite_manifest, same_weights, two_epoch_run  # noqa: F401
 
 import train
 import tract.run_folder
@@ -439,3 +439,108 @@ def test_a_signal_while_the_start_up_hangs_ends_the_process_at_once(tiny_imagefo
         train.main(tiny_run(tiny_imagefolder, out))
     assert e.value.code == code
     assert f"resume with --resume {out}" in capsys.readouterr().out
+
+
+# ---- no write of a checkpoint, a rewind or an export follows a link planted during the run --------------------------
+
+def plant_as_another_user(folder: Path, names, target: Path) -> None:
+    """What a co-user of a shared (group-writable) run folder can do while train.py writes: plant links named
+    ``names`` to ``target`` in every ``.tmp-*`` folder and ``.*`` temporary file name it can see in ``folder``. Run as
+    uid 65534 (nobody) where this process may change its uid (root); as the same user otherwise, where only what a
+    name tells (and the folder's mode) can be checked."""
+    import subprocess
+
+    script = ('for d in "$1"/.tmp-* "$1"/.model.safetensors*; do for n in ' + " ".join(names) +
+              '; do ln -s "$2" "$d/$n" 2>/dev/null; done; done; ln -s "$2" "$1/.model.safetensors.tmp" 2>/dev/null; '
+              "true")
+    become = (lambda: (os.setgid(65534), os.setuid(65534))) if os.geteuid() == 0 else None
+    subprocess.run(["sh", "-c", script, "sh", str(folder), str(target)], preexec_fn=become, check=True, timeout=30)
+
+
+@pytest.fixture
+def shared_folder(tmp_path):
+    """A run's parent folder others can enter and a umask of 0, as a group-writable shared project folder gives;
+    the outside file a co-user points links at, and its content."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o777)
+    outside = base / "outside.txt"
+    outside.write_text("someone else's")
+    os.chmod(outside, 0o666)
+    umask = os.umask(0)
+    yield base, outside
+    os.umask(umask)
+    shutil.rmtree(base)
+
+
+def test_a_checkpoint_is_written_in_a_folder_no_one_else_can_enter_so_no_planted_link_is_written_through(
+        two_epoch_run, shared_folder, monkeypatch):
+    from accelerate import Accelerator
+
+    base, outside = shared_folder
+    out = copy_run(two_epoch_run[0], base / "run")
+    for path in [out, *out.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o777 if path.is_dir() else 0o666)
+    save, modes = Accelerator.save_state, []
+
+    def save_while_planted(self, folder, *args, **kwargs):
+        modes.append(os.stat(folder).st_mode & 0o777)
+        plant_as_another_user(out / "checkpoints", ["optimizer.bin", "random_states_0.pkl", "model.safetensors"],
+                              outside)
+        return save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_while_planted)
+    train.main(["--resume", str(out), "--epochs", "3"])
+    assert outside.read_text() == "someone else's"
+    assert modes == [0o700] and os.readlink(out / "checkpoints" / "last") == "epoch-0003"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_the_final_export_is_written_in_a_private_folder_never_through_a_planted_link(two_epoch_run, shared_folder,
+                                                                                      monkeypatch):
+    import safetensors.torch
+
+    base, outside = shared_folder
+    out = copy_run(two_epoch_run[0], base / "run")
+    os.chmod(out, 0o777)
+    (out / "model.safetensors").unlink()
+    save, modes = safetensors.torch.save_file, []
+
+    def save_while_planted(tensors, filename, *args, **kwargs):
+        if "checkpoints" not in filename:
+            modes.append(os.stat(Path(filename).parent).st_mode & 0o777)
+            plant_as_another_user(out, ["model.safetensors"], outside)
+        return save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_while_planted)
+    train.main(["--resume", str(out)])  # the kill came before the export: the resume writes it
+    assert outside.read_text() == "someone else's"
+    assert modes and set(modes) == {0o700}
+    assert not (out / "model.safetensors").is_symlink() and same_weights(out / "model.safetensors",
+                                                                        two_epoch_run[0] / "model.safetensors")
+
+
+def test_rewind_picks_a_fresh_folder_and_never_copies_the_log_through_a_planted_link(two_epoch_run, tmp_path,
+                                                                                    capsys):
+    import time
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's")
+    now = time.time()
+    for second in range(-1, 30):  # every name --rewind could choose in the next half minute, pre-planted
+        planted = out / f"rewound-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + second))}"
+        planted.mkdir()
+        (planted / "log.txt").symlink_to(outside)
+    argv = ["--resume", str(out / "checkpoints" / "epoch-0001"), "--rewind", "--epochs", "2"]
+    train.main(argv)
+    assert outside.read_text() == "someone else's"
+    aside = re.search(r"its log as it was are in (\S+)", capsys.readouterr().out)[1]
+    assert not Path(aside, "log.txt").is_symlink() and [json.loads(line)["epoch"] for line in
+                                                       Path(aside, "log.txt").read_text().splitlines()] == [1, 2]
+    train.main(argv)  # rewound again within the same second: another fresh folder
+    assert outside.read_text() == "someone else's"
+    assert re.search(r"its log as it was are in (\S+)", capsys.readouterr().out)[1] != aside

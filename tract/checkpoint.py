@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -39,8 +40,9 @@ from tract.errors import ConfigError, WeightsError
 from tract.models import plain_state_dict
 from tract.run_lock import LOCK_NAME, check_still_held
 from tract.runtime import on_main
-from tract.safe_files import (UnsafeFileError, disk_problem, parse_json, read_exact, read_json, refuse_link,
-                              remove_entry, sha256_file, write_failed, write_new)
+from tract.safe_files import (UnsafeFileError, current_umask, disk_problem, parse_json, private_folder,
+                              read_exact, read_json, refuse_link, remove_entry, sha256_file, write_failed, write_new,
+                              write_private)
 from tract.weights import parse_safetensors
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
@@ -263,7 +265,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     """
     root = Path(root)
     name = checkpoint_name(state)
-    final, tmp = root / name, root / f".tmp-{name}"
+    final = root / name
     if not parameters_finite(model):
         last = root / "last"
         good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "there is no checkpoint yet"
@@ -273,17 +275,21 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
 
     state.partial = _gather_partial(accelerator, state)
 
-    def may_write() -> None:
+    def private() -> Path:
+        """Where this checkpoint is written: a folder of ``root`` no one else can enter, as Accelerate's save_state
+        writes its files by name (a link planted in a folder it writes into would be written through)."""
         check_still_held(root.parent)
         refuse_link(root, f"Delete the link, then rerun the command with --resume {root.parent}")
-
-    on_main(accelerator, may_write)  # refused on the main process: every process stops
-    try:
-        if accelerator.is_main_process:
+        try:
             root.mkdir(exist_ok=True)  # not parents: a run folder that vanished is not made again
-            remove_entry(tmp)
-            tmp.mkdir()
-        accelerator.wait_for_everyone()
+            for leftover in root.glob(".tmp-*"):  # of a kill: removed (a link, never what it points to)
+                remove_entry(leftover)
+            return private_folder(root, f".tmp-{name}-")
+        except OSError as e:
+            raise _cannot_save(root, name, e) from None
+
+    tmp = on_main(accelerator, private)  # refused on the main process: every process stops
+    try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             _write_json(tmp / "train_state.json", state.state_dict())
@@ -295,21 +301,22 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         if accelerator.is_main_process:
             files = {}
             for p in sorted(tmp.iterdir()):
-                if p.is_file():
-                    size = p.stat().st_size
-                    files[p.name] = {"bytes": size, "sha256": sha256_file(p, size)}
+                info = p.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # what no writer of this run makes
+                    raise UnsafeFileError(f"{p} is not a file this run wrote (a link, or not a file): checkpoint "
+                                          f"{name} is not kept. Rerun the command with --resume {root.parent}")
+                files[p.name] = {"bytes": info.st_size, "sha256": sha256_file(p, info.st_size)}
             _write_json(tmp / MANIFEST, {"format": _FORMAT, "world_size": accelerator.num_processes, "files": files})
+            os.chmod(tmp, 0o777 & ~current_umask())  # sealed: readable as any folder of the run
             remove_entry(final)  # the same point saved again (e.g. preempted twice at one update): replaced
             os.replace(tmp, final)
     except Exception as e:  # a full disk: OSError, torch's RuntimeError("... unexpected pos ..."), SafetensorError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             check_still_held(root.parent)  # the folder deleted during the save: that is the message
-        last = root / "last"
-        kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
-        raise CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, e)}; {kept}. Free "
-                              f"space (or fix the permissions), then rerun the command with --resume {root.parent}"
-                              ) from None
+        if isinstance(e, UnsafeFileError):
+            raise
+        raise _cannot_save(root, name, e) from None
     if accelerator.is_main_process:
         relink(root, "last", name)
         if is_best:
@@ -317,6 +324,14 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         _prune(root, keep, state)
     accelerator.wait_for_everyone()
     return final
+
+
+def _cannot_save(root: Path, name: str, error: BaseException) -> CheckpointError:
+    """The one message for a checkpoint that could not be written (a full or read-only disk)."""
+    last = root / "last"
+    kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
+    return CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, error)}; {kept}. Free "
+                           f"space (or fix the permissions), then rerun the command with --resume {root.parent}")
 
 
 def _check_manifest(manifest: Any) -> Dict[str, Dict[str, Any]]:
@@ -734,28 +749,20 @@ def _restore_cuda_rng(saved: List[torch.Tensor], device: torch.device, path: Pat
 
 
 def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    """Write a plain state_dict as safetensors, atomically (a fresh temp file, then rename); a failed write (a full
-    disk) leaves no partial file and is one CheckpointError naming the file."""
+    """Write a plain state_dict as safetensors, atomically and never through a link (write_private); a failed write
+    (a full disk) leaves no partial file and is one message naming the file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    remove_entry(tmp)  # a leftover, or a planted link: safetensors would write through it
     try:
-        save_file(state_dict, str(tmp), metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
-        os.replace(tmp, path)
+        write_private(path, lambda name: save_file(state_dict, str(name), metadata={"format": "pt"}))
     except Exception as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         raise write_failed(path, e, path.parent) from None
 
 
 def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
                        data_config: Dict[str, Any]) -> None:
-    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically), so that
+    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically, never through a link), so that
     ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds and loads the model and
     ``timm.data.resolve_data_config(model=...)`` gives the run's eval preprocessing: timm's own ``save_config_for_hf``
     with the architecture, its kwargs, num_classes, ``label_names`` and ``data_config`` (input_size, mean, std,
@@ -763,14 +770,9 @@ def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str,
     from timm.models._hub import save_config_for_hf  # what timm's save_for_hf / push_to_hf_hub write
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    remove_entry(tmp)  # a leftover, or a planted link: timm opens the file by name
     try:
-        save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
-                                                          "label_names": list(label_names)},
-                           data_config=data_config)
-        os.replace(tmp, path)
+        write_private(path, lambda name: save_config_for_hf(
+            model, str(name), model_config={"pretrained_cfg": {"architecture": architecture},
+                                            "label_names": list(label_names)}, data_config=data_config))
     except Exception as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         raise write_failed(path, e, path.parent) from None

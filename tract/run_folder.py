@@ -6,9 +6,9 @@ anything is written (but ``last`` and ``best``, train.py's links to a checkpoint
 written as soon as the folder is locked, so a run killed at any point of its start-up is continued by ``--resume``.
 """
 import argparse
+import itertools
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,10 @@ from tract.config import RESUME_FREE, RUN_CONTROL, save_args
 from tract.errors import ConfigError
 from tract.models import resolve_model_name
 from tract.run_lock import RunLock
-from tract.run_log import read_log
+from tract.run_log import MAX_LOG_BYTES, read_log
 from tract.runtime import on_main
 from tract.safe_files import (MAX_YAML_BYTES, UnsafeFileError, append_text, disk_problem, link_problem, parse_yaml,
-                              read_bytes, refuse_link)
+                              read_bytes, refuse_link, write_new)
 
 __all__ = ["ARCHITECTURE_ARGS", "holds_run", "check_output_dir", "RunPlace", "place_run"]
 
@@ -118,16 +118,28 @@ def _rewind_plan(run: Path, checkpoint: Path) -> Tuple[List[str], List[int]]:
     return later, logged
 
 
+def _new_folder(parent: Path, name: str) -> Path:
+    """``parent/name`` made now, or ``name-2``, ``name-3``, ... when that name is taken (by a folder or a link planted
+    there, or by a rewind in the same second): never one that was there before."""
+    for number in itertools.count(1):
+        folder = parent / (name if number == 1 else f"{name}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def _move_aside(run: Path, checkpoint: Path, later: List[str], log: Callable[[str], None]) -> None:
     """--rewind: the later checkpoints and the whole log go to ``run/rewound-<time>/``; ``last`` points at the
     checkpoint resumed from (the log is cut back to it by RunLog)."""
-    aside = run / f"rewound-{time.strftime('%Y%m%d-%H%M%S')}"
-    (aside / "checkpoints").mkdir(parents=True)
+    aside = _new_folder(run, f"rewound-{time.strftime('%Y%m%d-%H%M%S')}")
+    (aside / "checkpoints").mkdir()
     root = run / "checkpoints"
     for name in later:
         os.rename(root / name, aside / "checkpoints" / name)
-    if (run / "log.txt").is_file():
-        shutil.copy2(run / "log.txt", aside / "log.txt")
+    if os.path.lexists(run / "log.txt"):  # copied as bytes into a fresh file: never through a link
+        write_new(aside / "log.txt", read_bytes(run / "log.txt", MAX_LOG_BYTES))
     relink(root, "last", checkpoint.name)
     if (root / "best").is_symlink() and os.readlink(root / "best") in later:
         (root / "best").unlink()

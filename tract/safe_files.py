@@ -14,15 +14,17 @@ import math
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 from tract.errors import ConfigError
 
 __all__ = ["UnsafeFileError", "MAX_JSON_BYTES", "MAX_YAML_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "link_problem",
-           "refuse_link", "special_kind", "refuse_special", "remove_entry", "write_new", "write_atomic",
-           "append_text", "read_bytes", "read_exact", "parse_json", "read_json", "read_json_lines", "parse_yaml",
-           "read_yaml", "sha256_file", "disk_full", "disk_problem", "WriteFailed", "write_failed"]
+           "refuse_link", "special_kind", "refuse_special", "remove_entry", "private_folder", "current_umask",
+           "write_private", "write_new", "write_atomic", "append_text", "read_bytes", "read_exact", "parse_json",
+           "read_json", "read_json_lines", "parse_yaml", "read_yaml", "sha256_file", "disk_full", "disk_problem",
+           "WriteFailed", "write_failed"]
 
 MAX_JSON_BYTES = 1 << 20  # a manifest or train state is a few KB
 MAX_YAML_BYTES = 1 << 20  # args.yaml and configs are a few KB
@@ -126,6 +128,36 @@ def remove_entry(path: Path) -> None:
         shutil.rmtree(path)  # rmtree removes links inside a folder, never what they point to
     else:
         os.unlink(path)
+
+
+def private_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` that no one else can enter (``mkdtemp``: a name no one can predict, mode 0700), for
+    a library that writes files by name (Accelerate's save_state, safetensors, timm): no one can plant a link in it
+    for the library to write through."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def current_umask() -> int:
+    """The process's umask (the permissions a new file or folder does not get)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_private(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` with ``write(name)``, a library's writer that opens its file by name: it writes into a private
+    folder beside ``path`` (private_folder), and the file, given the permissions the umask gives, is renamed over
+    ``path``. A failure leaves nothing (nor does a leftover of a kill outlive the next write)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        remove_entry(leftover)
+    folder = private_folder(path.parent, f".{path.name}.")
+    try:
+        write(folder / path.name)
+        os.chmod(folder / path.name, 0o666 & ~current_umask())  # safetensors creates files owner-only; these are shared
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_fd(fd: int, data: bytes) -> None:
