@@ -544,3 +544,70 @@ def test_rewind_picks_a_fresh_folder_and_never_copies_the_log_through_a_planted_
     train.main(argv)  # rewound again within the same second: another fresh folder
     assert outside.read_text() == "someone else's"
     assert re.search(r"its log as it was are in (\S+)", capsys.readouterr().out)[1] != aside
+
+
+# ---- someone else's folder, someone else holding the lock ----------------------------------------------------------
+
+def test_a_new_run_refuses_a_folder_that_holds_files_but_no_run_and_takes_an_empty_one(tiny_imagefolder, tmp_path):
+    from test_train import tiny_run
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    files = {"model.safetensors": b"their weights", "config.json": b"{}", "summary.csv": b"epoch,their_metric\n"}
+    for name, content in files.items():
+        (theirs / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=f"--output-dir {theirs} holds files that are not a train.py run's .*config.json"
+                                          ".*Choose another --output-dir"):
+        train.main(tiny_run(tiny_imagefolder, theirs))
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == files
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train.main(tiny_run(tiny_imagefolder, empty))
+    assert len(log_lines(empty)) == 1
+
+
+def test_the_lock_is_readable_by_its_owner_only(two_epoch_run, tmp_path):
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    os.chmod(out / "run.lock", 0o644)  # as an earlier version left it
+    train.main(["--resume", str(out), "--epochs", "3"])
+    assert os.stat(out / "run.lock").st_mode & 0o777 == 0o600
+    assert os.stat(two_epoch_run[0] / "run.lock").st_mode & 0o777 == 0o600
+
+
+def test_a_lock_held_by_another_process_does_not_blame_the_owners_own_dead_run(two_epoch_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = copy_run(two_epoch_run[0], tmp_path / "run")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    (out / "run.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead,
+                                              "started": "2024-01-01 00:00:00"}))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(60)", str(out / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as e:
+            train.main(["--resume", str(out), "--epochs", "3"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"process {dead} on" not in str(e.value)
+    assert re.search(f"in use by process {holder.pid} on .*not the run that wrote run.lock \\(its process {dead} has "
+                     "ended\\)", str(e.value))
+
+
+# ---- output paths TensorBoard cannot write: refused before anything is created -------------------------------------
+
+def test_an_output_dir_that_is_not_utf8_or_too_long_is_one_message_and_nothing_is_left(tiny_imagefolder, tmp_path):
+    from test_train import tiny_run
+
+    before = sorted(tmp_path.iterdir())
+    not_utf8 = os.fsdecode(bytes(tmp_path) + b"/run-\xff")
+    with pytest.raises(ConfigError, match="is not UTF-8.*choose another --output-dir"):
+        train.main(tiny_run(tiny_imagefolder, not_utf8))
+    deep = tmp_path.joinpath(*["d" * 200] * 20)  # each name within NAME_MAX, the whole beyond PATH_MAX with the files
+    with pytest.raises(ConfigError, match="is too long.*choose a shorter --output-dir"):
+        train.main(tiny_run(tiny_imagefolder, deep))
+    assert sorted(tmp_path.iterdir()) == before

@@ -9,6 +9,7 @@ import argparse
 import itertools
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from tract.checkpoint import (RUN_ARGS, checkpoint_args, checkpoint_names, link_
 from tract.config import RESUME_FREE, RUN_CONTROL, save_args
 from tract.errors import ConfigError
 from tract.models import resolve_model_name
-from tract.run_lock import RunLock
+from tract.run_lock import LOCK_NAME, RunLock
 from tract.run_log import MAX_LOG_BYTES, read_log
 from tract.runtime import on_main
 from tract.safe_files import (MAX_YAML_BYTES, UnsafeFileError, append_text, disk_problem, link_problem, parse_yaml,
@@ -37,9 +38,27 @@ def holds_run(folder: Path) -> bool:
     return any(os.path.lexists(folder / name) for name in ("args.yaml", "checkpoints", "log.txt"))
 
 
+# Room below a run folder for the longest path a run writes there, and some: a mid-epoch checkpoint's EMA written in
+# its private folders (/checkpoints/.tmp-epoch-0000-update-000000-XXXXXXXX/.ema.safetensors.XXXXXXXX/ema.safetensors,
+# 93 bytes), TensorBoard's /events.out.tfevents.<time>.<host>.<pid>.<n> (43 bytes and the host name).
+DEEPEST_WRITE = 128
+
+
 def check_output_dir(folder: Path) -> None:
-    """Refuse an output folder that is a file, lies under a file, or cannot be written, before any write."""
+    """Refuse an output folder that is a file, lies under a file, cannot be written, or has a name TensorBoard cannot
+    write under (not UTF-8, or too long for the files a run writes below it), before any write."""
     folder = Path(folder)
+    try:
+        os.fsencode(folder).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--output-dir {os.fsencode(folder)!r} is not UTF-8, which TensorBoard's event files need: "
+                          "choose another --output-dir") from None
+    longest = len(os.fsencode(os.path.abspath(folder))) + DEEPEST_WRITE + len(socket.gethostname())
+    path_max, name_max = os.pathconf("/", "PC_PATH_MAX"), os.pathconf("/", "PC_NAME_MAX")
+    if longest >= path_max or any(len(os.fsencode(part)) > name_max for part in folder.parts):
+        raise ConfigError(f"--output-dir {str(folder)[:80]}... is too long: the files a run writes below it would "
+                          f"have {longest} bytes, beyond the {path_max - 1} a path may have (or a name more than "
+                          f"{name_max}): choose a shorter --output-dir")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output-dir {folder} is a file, not a folder: choose another --output-dir")
     probe = folder
@@ -197,6 +216,12 @@ def place_run(args: argparse.Namespace, accelerator, *, log: Callable[[str], Non
         if holds_run(output_dir) and not continues:
             raise ConfigError(f"{output_dir} already holds a run: pass --resume {output_dir} to continue it, or "
                               "choose another --output-dir")
+        foreign = [] if continues or not os.path.isdir(output_dir) else sorted(
+            set(os.listdir(output_dir)) - {LOCK_NAME, ".args.yaml.tmp"})  # a start-up's, killed before args.yaml
+        if foreign:
+            raise ConfigError(f"--output-dir {output_dir} holds files that are not a train.py run's "
+                              f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): nothing is written "
+                              "there. Choose another --output-dir (a new or an empty folder)")
     rewind = None  # the later checkpoints to move aside, when the run is rewound
     if writes and continues and checkpoint is not None and Path(args.resume).resolve() == checkpoint:
         later, logged = _rewind_plan(output_dir, checkpoint)
