@@ -105,7 +105,7 @@ def main(argv=None, args=None) -> None:
                             n_parameters=n_parameters, log=say)
 
         # ---- the loop
-        if checkpoint is not None and settle_resume(accelerator, checkpoints, state):
+        if checkpoint is not None and settle_resume(accelerator, checkpoints, state, checkpoint):
             end_epoch(state.epoch, state.pending)  # the checkpoint came before its epoch's evaluation
         preemption.arm()  # from here on a signal stops the run after an update, with a checkpoint
         if preemption.should_stop(accelerator):  # signalled in the instant before: nothing new to save

@@ -240,17 +240,22 @@ def test_a_forged_checkpoint_named_explicitly_is_one_message_naming_the_file(two
         train.main([*resume_argv(two_epoch_run[1], out)[:-1], str(newest), "--eval"])
 
 
-def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(two_epoch_run, tmp_path, capsys):
+def test_the_last_good_checkpoint_named_after_a_divergence_has_finite_weights(two_epoch_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    from test_trust import dataset_hook
+
     out = copy_run(two_epoch_run[0], tmp_path / "run")
     newest = out / "checkpoints" / "epoch-0002"
     nan_weight(newest)
     rewrite_manifest(newest)
-    train.main([*resume_argv(two_epoch_run[1], out), "--epochs", "3"])  # trains on from epoch-0001, never from NaN
-    assert "skipped" in capsys.readouterr().out
-    assert [line["epoch"] for line in log_lines(out)] == [1, 2, 3]
+    dataset_hook(monkeypatch, lambda n, sample: (sample[0] * float("nan"), sample[1]))  # the run now diverges
+    with pytest.raises(FloatingPointError, match="last good checkpoint is (\\S+) ") as e:
+        train.main([*resume_argv(two_epoch_run[1], out), "--epochs", "3"])
+    good = Path(re.search("last good checkpoint is (\\S+) ", str(e.value))[1])
+    assert "skipped" in capsys.readouterr().out and good == (out / "checkpoints" / "epoch-0001").resolve()
     from safetensors.torch import load_file
 
-    assert all(torch.isfinite(v).all() for v in load_file(out / "model.safetensors").values())
+    assert all(torch.isfinite(v).all() for v in load_file(good / "model.safetensors").values())
 
 
 # ---- log.txt: typed lines, named when wrong; the best accuracy from the verified train state ------------------------

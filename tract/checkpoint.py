@@ -219,12 +219,15 @@ def repair_links(root: Path, state: TrainState) -> None:
         relink(Path(root), "best", name)
 
 
-def settle_resume(accelerator, root: Path, state: TrainState) -> bool:
-    """After loading a checkpoint: repoint ``best`` from its verified train state (never from log.txt, which anyone
-    can edit); True when the checkpoint's last epoch awaits its evaluation (an epoch's checkpoint is written before
-    it): that epoch is then evaluated again, whether or not log.txt has its line, so the best accuracy counts only
-    what the run computed."""
+def settle_resume(accelerator, root: Path, state: TrainState, checkpoint: Path) -> bool:
+    """After loading ``checkpoint``: point ``last`` at it when it is this run's (a fallback skipped the one ``last``
+    named, which is no good one to name or resume from) and repoint ``best`` from its verified train state (never from
+    log.txt, which anyone can edit); True when the checkpoint's last epoch awaits its evaluation (an epoch's checkpoint
+    is written before it): that epoch is then evaluated again, whether or not log.txt has its line, so the best
+    accuracy counts only what the run computed."""
     if accelerator.is_main_process:
+        if Path(checkpoint).parent.resolve() == Path(root).resolve() and link_target(root, "last") != checkpoint.name:
+            relink(root, "last", checkpoint.name)
         repair_links(root, state)
     return bool(state.pending)
 
