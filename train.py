@@ -29,16 +29,17 @@ from tract.engine import (build_criterion, build_mixup, build_optimizer, build_s
 from tract.models import build_ema, build_model, count_parameters, plain_state_dict, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator, run_cli
 
 
 def main(argv=None, args=None) -> None:
     """Parse (or take finetune.py's ``args``), build, train, save; every user error is a ConfigError/DatasetError/
     WeightsError before any write."""
     args = args if args is not None else parse_args(argv, prog="train.py")
-    preemption = Preemption(interval=args.sync_interval).install()  # before the first write: start-up exits 75 too
+    preemption = Preemption(interval=args.sync_interval)
     place = None
     try:
+        preemption.install()  # before the first write: a signal during the start-up exits 75 too
         accelerator = build_accelerator(args)
         say = accelerator.print
 
@@ -79,8 +80,8 @@ def main(argv=None, args=None) -> None:
         state = TrainState()
         set_seed(args.seed + accelerator.process_index)  # different augmentations and mixup on every process
         if checkpoint is not None:
-            load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state, ema=ema,
-                            exact=not args.resume_inexact, log=say)
+            checkpoint = load_checkpoint(accelerator, checkpoint, model=model, optimizer=optimizer, state=state,
+                                         ema=ema, exact=not args.resume_inexact, fallbacks=place.fallbacks, log=say)
             if state.epoch > args.epochs or state.update_in_epoch >= data.updates_per_epoch:  # a forged train state
                 raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
                                   f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
@@ -96,7 +97,7 @@ def main(argv=None, args=None) -> None:
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
                          resume_step=state.num_updates, hparams=vars(args))
         save = partial(save_checkpoint, accelerator, checkpoints, state, model=model, ema=ema,
-                       keep=args.checkpoint_hist)
+                       keep=args.checkpoint_hist, run_args=place.args_yaml)
         # Epochs are numbered from 1 wherever a user reads them (log.txt, messages, the checkpoint folder written
         # after epoch N is epoch-000N); `epoch` below is the 0-based index that seeds the data order and schedule.
         end_epoch = partial(evaluate_and_log, args=args, model=model, ema=ema, loader=val_loader,
@@ -104,9 +105,10 @@ def main(argv=None, args=None) -> None:
                             n_parameters=n_parameters, log=say)
 
         # ---- the loop
-        if checkpoint is not None and settle_resume(accelerator, checkpoints, state, run_log):
-            end_epoch(state.epoch, state.pending)  # a kill came between the checkpoint and its log line
-        if preemption.should_stop(accelerator):  # signalled during start-up: nothing new to save
+        if checkpoint is not None and settle_resume(accelerator, checkpoints, state, checkpoint):
+            end_epoch(state.epoch, state.pending)  # the checkpoint came before its epoch's evaluation
+        preemption.arm()  # from here on a signal stops the run after an update, with a checkpoint
+        if preemption.should_stop(accelerator):  # signalled in the instant before: nothing new to save
             preemption.stop("before training started", output_dir, log=say)
         try:
             for epoch in range(state.epoch, args.epochs):
@@ -152,6 +154,10 @@ def main(argv=None, args=None) -> None:
         say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch + 1}, checkpoints/best); "
             f"weights in {output_dir / 'model.safetensors'}")
         accelerator.end_training()
+    except StartUpStopped:  # signalled before the first update, however far the start-up got: nothing to save
+        if place is not None:
+            place.release(keep=True)  # what the requeued job resumes: its args.yaml holds the command's options
+        preemption.stop("before training started", place.output_dir if place is not None else None)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, in one line rather than a traceback
         last = place.output_dir / "checkpoints" / "last" if place is not None else None
         kept = (f"the newest checkpoint is {last.resolve()} (resume with --resume {place.output_dir})"

@@ -22,29 +22,39 @@ state must be one a run writes at the position the folder's name says.
 
 ``--resume RUN`` follows ``last``: a checkpoint newer than it (written just before a kill) is not resumed from.
 """
+import hashlib
+import io
 import json
 import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tract.errors import ConfigError
+from tract.errors import ConfigError, WeightsError
 from tract.models import plain_state_dict
 from tract.run_lock import LOCK_NAME, check_still_held
 from tract.runtime import on_main
-from tract.safe_files import (UnsafeFileError, disk_problem, read_json, refuse_link, remove_entry, sha256_file,
-                              write_failed, write_new)
+from tract.safe_files import (UnsafeFileError, current_umask, disk_problem, parse_json, private_folder,
+                              read_exact, read_json, refuse_link, remove_entry, sha256_file, write_failed, write_new,
+                              write_private)
+from tract.weights import parse_safetensors
 
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
-           "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "load_checkpoint", "repair_links",
-           "settle_resume", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST"]
+           "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "older_checkpoints", "load_checkpoint",
+           "repair_links",
+           "settle_resume", "checkpoint_args", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
+           "RUN_ARGS"]
 
 MANIFEST = "manifest.json"
+# A checkpoint's copy of its run's args.yaml as the run started: what an edit of args.yaml is found against. (Not
+# "args.yaml": that name marks a run folder.)
+RUN_ARGS = "run_args.yaml"
 _FORMAT = 1
 _NAME = re.compile(r"^epoch-(\d{4,9})(?:-update-(\d{6,9}))?$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # what save_state and train.py name their files
@@ -209,21 +219,17 @@ def repair_links(root: Path, state: TrainState) -> None:
         relink(Path(root), "best", name)
 
 
-def settle_resume(accelerator, root: Path, state: TrainState, run_log) -> bool:
-    """After loading a checkpoint: take the best epoch from the run's log (the record of evaluations) and repoint
-    ``best``; True when the checkpoint's last epoch still awaits its evaluation and log line (a kill came between).
-    """
-    from accelerate.utils import broadcast_object_list
-
-    logged = [run_log.has(state.epoch)] if accelerator.is_main_process else [None]  # log.txt numbers epochs from 1
-    broadcast_object_list(logged)
+def settle_resume(accelerator, root: Path, state: TrainState, checkpoint: Path) -> bool:
+    """After loading ``checkpoint``: point ``last`` at it when it is this run's (a fallback skipped the one ``last``
+    named, which is no good one to name or resume from) and repoint ``best`` from its verified train state (never from
+    log.txt, which anyone can edit); True when the checkpoint's last epoch awaits its evaluation (an epoch's checkpoint
+    is written before it): that epoch is then evaluated again, whether or not log.txt has its line, so the best
+    accuracy counts only what the run computed."""
     if accelerator.is_main_process:
-        evaluated = [r for r in run_log.records if "test_acc1" in r]
-        if evaluated:
-            best = max(evaluated, key=lambda r: r["test_acc1"])
-            state.best_acc1, state.best_epoch = best["test_acc1"], best["epoch"] - 1
-            repair_links(root, state)
-    return bool(state.pending) and not logged[0]
+        if Path(checkpoint).parent.resolve() == Path(root).resolve() and link_target(root, "last") != checkpoint.name:
+            relink(root, "last", checkpoint.name)
+        repair_links(root, state)
+    return bool(state.pending)
 
 
 def _prune(root: Path, keep: int, state: TrainState) -> None:
@@ -250,8 +256,10 @@ def _gather_partial(accelerator, state: TrainState) -> Dict[str, Any]:
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.nn.Module, ema=None,
-                    is_best: bool = False, keep: int = 1) -> Path:
+                    is_best: bool = False, keep: int = 1, run_args: Optional[bytes] = None) -> Path:
     """Save the training state (all processes call this) as ``root/<name>``; point ``last`` (and ``best``) at it.
+    ``run_args``: the run's args.yaml as this run started, kept in the checkpoint (covered by its manifest), so that
+    a resume finds any later edit of the run's args.yaml.
 
     Parameters that are not finite are never written: FloatingPointError, the previous checkpoint untouched. A disk
     that is full or read-only is one CheckpointError naming the folder and the free space, and no ``.tmp-*`` folder
@@ -260,7 +268,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
     """
     root = Path(root)
     name = checkpoint_name(state)
-    final, tmp = root / name, root / f".tmp-{name}"
+    final = root / name
     if not parameters_finite(model):
         last = root / "last"
         good = f"the last good checkpoint is {last.resolve()}" if last.is_symlink() else "there is no checkpoint yet"
@@ -270,41 +278,48 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
 
     state.partial = _gather_partial(accelerator, state)
 
-    def may_write() -> None:
+    def private() -> Path:
+        """Where this checkpoint is written: a folder of ``root`` no one else can enter, as Accelerate's save_state
+        writes its files by name (a link planted in a folder it writes into would be written through)."""
         check_still_held(root.parent)
         refuse_link(root, f"Delete the link, then rerun the command with --resume {root.parent}")
-
-    on_main(accelerator, may_write)  # refused on the main process: every process stops
-    try:
-        if accelerator.is_main_process:
+        try:
             root.mkdir(exist_ok=True)  # not parents: a run folder that vanished is not made again
-            remove_entry(tmp)
-            tmp.mkdir()
-        accelerator.wait_for_everyone()
+            for leftover in root.glob(".tmp-*"):  # of a kill: removed (a link, never what it points to)
+                remove_entry(leftover)
+            return private_folder(root, f".tmp-{name}-")
+        except OSError as e:
+            raise _cannot_save(root, name, e) from None
+
+    tmp = on_main(accelerator, private)  # refused on the main process: every process stops
+    try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             _write_json(tmp / "train_state.json", state.state_dict())
+            if run_args is not None:
+                write_new(tmp / RUN_ARGS, run_args)
             if ema is not None:
                 export_weights(plain_state_dict(ema), tmp / "ema.safetensors")
         accelerator.wait_for_everyone()  # every process has written its RNG state before the manifest is made
         if accelerator.is_main_process:
             files = {}
             for p in sorted(tmp.iterdir()):
-                if p.is_file():
-                    size = p.stat().st_size
-                    files[p.name] = {"bytes": size, "sha256": sha256_file(p, size)}
+                info = p.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # what no writer of this run makes
+                    raise UnsafeFileError(f"{p} is not a file this run wrote (a link, or not a file): checkpoint "
+                                          f"{name} is not kept. Rerun the command with --resume {root.parent}")
+                files[p.name] = {"bytes": info.st_size, "sha256": sha256_file(p, info.st_size)}
             _write_json(tmp / MANIFEST, {"format": _FORMAT, "world_size": accelerator.num_processes, "files": files})
+            os.chmod(tmp, 0o777 & ~current_umask())  # sealed: readable as any folder of the run
             remove_entry(final)  # the same point saved again (e.g. preempted twice at one update): replaced
             os.replace(tmp, final)
     except Exception as e:  # a full disk: OSError, torch's RuntimeError("... unexpected pos ..."), SafetensorError
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             check_still_held(root.parent)  # the folder deleted during the save: that is the message
-        last = root / "last"
-        kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
-        raise CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, e)}; {kept}. Free "
-                              f"space (or fix the permissions), then rerun the command with --resume {root.parent}"
-                              ) from None
+        if isinstance(e, UnsafeFileError):
+            raise
+        raise _cannot_save(root, name, e) from None
     if accelerator.is_main_process:
         relink(root, "last", name)
         if is_best:
@@ -312,6 +327,14 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, *, model: torch.
         _prune(root, keep, state)
     accelerator.wait_for_everyone()
     return final
+
+
+def _cannot_save(root: Path, name: str, error: BaseException) -> CheckpointError:
+    """The one message for a checkpoint that could not be written (a full or read-only disk)."""
+    last = root / "last"
+    kept = f"the previous checkpoint {last.resolve()} is intact" if last.is_symlink() else "no checkpoint yet"
+    return CheckpointError(f"cannot write checkpoint {name} in {root}: {disk_problem(root, error)}; {kept}. Free "
+                           f"space (or fix the permissions), then rerun the command with --resume {root.parent}")
 
 
 def _check_manifest(manifest: Any) -> Dict[str, Dict[str, Any]]:
@@ -330,47 +353,68 @@ def _check_manifest(manifest: Any) -> Dict[str, Dict[str, Any]]:
     return files
 
 
+class _Unusable(CheckpointError):
+    """A checkpoint whose files do not match its manifest, or do not fit the model and optimizer: an older one is
+    tried."""
+
+
+def _listed_files(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """The file entries of a checkpoint's manifest, which must list what a resume reads; _Unusable otherwise."""
+    manifest_path = folder / MANIFEST
+    if not os.path.lexists(manifest_path):
+        raise _Unusable(f"{folder}: no {MANIFEST} (the checkpoint was not completely written)")
+    try:
+        files = _check_manifest(read_json(manifest_path))
+    except UnsafeFileError as e:
+        raise _Unusable(f"{e} (not the manifest train.py writes)") from None
+    except (ValueError, TypeError, AttributeError):
+        raise _Unusable(f"{manifest_path}: damaged (not the manifest train.py writes)") from None
+    missing = sorted({"model.safetensors", "optimizer.bin", "train_state.json"} - set(files))
+    if missing:
+        raise _Unusable(f"{manifest_path}: lists no {', '.join(missing)}")
+    return files
+
+
+def _train_state(folder: Path, data: bytes) -> TrainState:
+    """The train state of ``train_state.json`` bytes, which must be one a run writes at the position the folder's name
+    says; _Unusable naming the file otherwise."""
+    path = folder / "train_state.json"
+    try:
+        state = TrainState()
+        state.load_state_dict(parse_json(data, path))
+    except (ValueError, TypeError) as e:
+        raise _Unusable(f"{path}: not a train state train.py writes ({e})") from None
+    position = name_position(folder.name)
+    if position is not None and position != (state.epoch, state.update_in_epoch):
+        raise _Unusable(f"{path}: says epoch {state.epoch}, update {state.update_in_epoch}, where the folder's name "
+                        f"says epoch {position[0]}, update {position[1]}")
+    return state
+
+
 def verify_checkpoint(folder: Path) -> Optional[str]:
     """None if the folder's files match its manifest and its train state is one a run writes at the position its
     name says, else what is wrong (one line, naming the file). Every file is bounded before it is parsed or hashed:
     regular files only (no links), sizes as the manifest says and within MAX_FILE_BYTES."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not os.path.lexists(manifest_path):
-        return f"{folder}: no {MANIFEST} (the checkpoint was not completely written)"
     try:
-        files = _check_manifest(read_json(manifest_path))
-    except UnsafeFileError as e:
-        return f"{e} (not the manifest train.py writes)"
-    except (ValueError, TypeError, AttributeError):
-        return f"{manifest_path}: damaged (not the manifest train.py writes)"
-    required = {"model.safetensors", "optimizer.bin", "train_state.json"}
-    missing = sorted(required - set(files))
-    if missing:
-        return f"{manifest_path}: lists no {', '.join(missing)}"
-    for file_name, entry in files.items():
-        path = folder / file_name
-        if not os.path.lexists(path):
-            return f"{path}: missing"
-        try:
+        files = _listed_files(folder)
+        for file_name, entry in files.items():
+            path = folder / file_name
+            if not os.path.lexists(path):
+                return f"{path}: missing"
             if sha256_file(path, entry["bytes"]) != entry["sha256"]:
                 return f"{path}: content differs from the manifest's SHA-256 (damaged or replaced)"
-        except UnsafeFileError as e:
-            return str(e)
-    try:
-        state = TrainState()
-        state.load_state_dict(read_json(folder / "train_state.json"))
-    except (UnsafeFileError, ValueError, TypeError) as e:
-        return f"{folder / 'train_state.json'}: not a train state train.py writes ({e})"
-    position = name_position(folder.name)
-    if position is not None and position != (state.epoch, state.update_in_epoch):
-        return (f"{folder / 'train_state.json'}: says epoch {state.epoch}, update {state.update_in_epoch}, where the "
-                f"folder's name says epoch {position[0]}, update {position[1]}")
+        _train_state(folder, read_exact(folder / "train_state.json", files["train_state.json"]["bytes"]))
+    except (CheckpointError, UnsafeFileError) as e:
+        return str(e)
     return None
 
 
-def _manifest(folder: Path) -> Dict[str, Any]:
-    return read_json(Path(folder) / MANIFEST)
+def checkpoint_args(folder: Path) -> Optional[bytes]:
+    """The run's args.yaml as it was when the run that wrote ``folder`` started (read once and hashed against the
+    manifest), or None for a checkpoint written before checkpoints carried it."""
+    files = _listed_files(Path(folder))
+    return _read_listed(Path(folder), files, RUN_ARGS) if RUN_ARGS in files else None
 
 
 def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Optional[Path], Optional[Path]]:
@@ -426,71 +470,253 @@ def resolve_resume(path: str, *, log: Callable[[str], None] = print) -> Tuple[Op
                       "manifest.json); pass the run folder train.py printed at its start")
 
 
-def _read_pickle(path: Path) -> Any:
-    """torch.load(weights_only=True), numpy's RNG arrays the only extra types; a pickle of anything else is refused."""
+def older_checkpoints(folder: Path) -> List[Path]:
+    """The checkpoints beside ``folder`` that are older than it, newest first: where a resume falls back to."""
+    folder = Path(folder)
+    position = name_position(folder.name)
+    names = [n for n in checkpoint_names(folder.parent) if position is not None and name_position(n) < position]
+    return [folder.parent / n for n in reversed(names)]
+
+
+def _read_listed(folder: Path, files: Dict[str, Dict[str, Any]], name: str) -> bytes:
+    """A file the manifest lists, opened once (not followed if a link, a regular file of the listed size), read into
+    memory and hashed: the bytes returned are the ones that match the manifest, and the only ones parsed."""
+    path = folder / name
+    data = read_exact(path, files[name]["bytes"])
+    if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
+        raise UnsafeFileError(f"{path}: content differs from the manifest's SHA-256 (damaged or replaced)")
+    return data
+
+
+def _unpickle(data: bytes, path: Path) -> Any:
+    """torch.load(weights_only=True) of bytes, numpy's RNG arrays the only extra types; a pickle of anything else is
+    refused."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy array/dtype reconstruction, nothing callable else
 
     try:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a foreign global; anything else for a damaged file
         # torch's own text advises weights_only=False: the wrong advice for a file that was refused for safety.
-        raise CheckpointError(f"refusing to load {path}: it is not the plain tensors and numbers train.py writes "
-                              f"({type(e).__name__}); nothing in it was run. Resume from a checkpoint you wrote "
-                              "yourself") from None
+        raise ValueError(f"refusing to load {path}: it is not the plain tensors and numbers train.py writes "
+                         f"({type(e).__name__}); nothing in it was run") from None
+
+
+def _setting(value: Any) -> bool:
+    """Whether a value is one an optimizer's settings hold: None, a flag, a short name, a finite number, or a tuple."""
+    if value is None or type(value) in (bool, int) or (isinstance(value, str) and len(value) <= 64):
+        return True
+    if type(value) is float:
+        return math.isfinite(value)
+    return isinstance(value, (tuple, list)) and len(value) <= 16 and all(map(_setting, value))
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all())
+
+
+# Optimizer state entries shaped as their parameter (torch's and timm's Adam(W), LAMB, SGD, Lion, Adan): a factored
+# optimizer's (Adafactor's row and column moments) are other tensors, never larger than their parameter.
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "exp_avg_diff", "neg_pre_grad")
+
+
+def _check_optimizer_state(saved: Any, optimizer) -> None:
+    """ValueError saying what in a saved optimizer state ``optimizer`` cannot take: another number of parameter
+    groups or of parameters in a group, indices that are not 0..N-1 once each, a state tensor not shaped as its
+    parameter, a step that is not a finite count, a value that is not finite."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and
+            isinstance(saved.get("param_groups"), list)):
+        raise ValueError("not an optimizer state (state and param_groups)")
+    groups, params = optimizer.param_groups, {}
+    if len(saved["param_groups"]) != len(groups):
+        raise ValueError(f"{len(saved['param_groups'])} parameter group(s) where the optimizer has {len(groups)} "
+                         "(saved with another --opt or --first-layer-opt?)")
+    for number, (group, live) in enumerate(zip(saved["param_groups"], groups)):
+        indices = group.get("params") if isinstance(group, dict) else None
+        if not (isinstance(indices, list) and all(type(i) is int for i in indices)):
+            raise ValueError(f"parameter group {number} lists no parameter indices")
+        if len(indices) != len(live["params"]):
+            raise ValueError(f"parameter group {number} has {len(indices)} parameters where the optimizer's has "
+                             f"{len(live['params'])}")
+        bad = next((k for k, v in group.items() if k != "params" and not (isinstance(k, str) and _setting(v))), None)
+        if bad is not None:
+            raise ValueError(f"parameter group {number}'s {str(bad)[:64]} is not a finite setting")
+        params.update(zip(indices, live["params"]))
+    if sorted(params) != list(range(sum(len(g["params"]) for g in groups))):
+        raise ValueError("its parameter indices are not 0..N-1, each once")
+    for index, entry in saved["state"].items():
+        if index not in params or not isinstance(entry, dict):
+            raise ValueError(f"it holds a state for parameter {str(index)[:20]}, which no group lists")
+        param = params[index]
+        for key, value in entry.items():
+            where = f"parameter {index}'s {str(key)[:64]}"
+            if key == "step":
+                step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if not (type(step) in (int, float) and math.isfinite(step) and 0 <= step < _COUNT):
+                    raise ValueError(f"{where} is not a count of updates")
+            elif isinstance(value, torch.Tensor):
+                if key in _PARAM_SHAPED and value.shape != param.shape:
+                    raise ValueError(f"{where} has shape {list(value.shape)}, the parameter {list(param.shape)}")
+                if value.numel() > param.numel():
+                    raise ValueError(f"{where} has {value.numel()} values, more than its parameter's {param.numel()}")
+                if not _finite(value):
+                    raise ValueError(f"{where} is not finite")
+            elif not _setting(value):
+                raise ValueError(f"{where} is not a tensor or a finite setting")
+
+
+def _check_random_states(rng: Any) -> None:
+    """ValueError unless ``rng`` holds the random states train.py restores, each of its type and size."""
+    import numpy as np
+
+    if not isinstance(rng, dict):
+        raise ValueError("not a mapping of random states")
+    py = rng.get("random_state")
+    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == 3 and isinstance(py[1], tuple) and len(py[1]) == 625
+            and all(type(x) is int and 0 <= x < 1 << 32 for x in py[1]) and py[1][-1] <= 624 and
+            (py[2] is None or type(py[2]) is float)):
+        raise ValueError("random_state is not Python's generator state (version 3, 625 words)")
+    state = rng.get("numpy_random_seed")
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == "MT19937" and
+            isinstance(state[1], np.ndarray) and state[1].dtype == np.uint32 and state[1].shape == (624,) and
+            type(state[2]) is int and 0 <= state[2] <= 624 and state[3] in (0, 1) and type(state[4]) is float):
+        raise ValueError("numpy_random_seed is not numpy's generator state (MT19937, 624 words)")
+    cpu = rng.get("torch_manual_seed")
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape):
+        raise ValueError("torch_manual_seed is not torch's CPU generator state")
+    cuda = rng.get("torch_cuda_manual_seed", [])
+    if not (isinstance(cuda, (list, tuple)) and len(cuda) <= 1 << 12 and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 1 << 16
+            for t in cuda)):
+        raise ValueError("torch_cuda_manual_seed is not a list of CUDA generator states")
+
+
+@dataclass
+class _Read:
+    """A checkpoint read and checked, nothing applied yet: what every process agrees on before loading it."""
+
+    weights: Dict[str, torch.Tensor]
+    optimizer: Dict[str, Any]
+    state: TrainState
+    scaler: Optional[Dict[str, Any]] = None
+    ema: Optional[Dict[str, torch.Tensor]] = None
+    rng: Optional[Dict[str, Any]] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def _read_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimizer, ema, exact: bool) -> _Read:
+    """Everything this process loads from ``folder``, each file opened once, hashed and parsed from the same bytes,
+    then checked against the model and the optimizer; _Unusable says what does not fit (the fallback goes on to an
+    older checkpoint), CheckpointError what no older checkpoint changes (another number of processes)."""
+    files = _listed_files(folder)
+    path = folder / "train_state.json"
+    try:
+        state = _train_state(folder, _read_listed(folder, files, path.name))
+        path = folder / "model.safetensors"
+        net = accelerator.unwrap_model(model)
+        weights = parse_safetensors(_read_listed(folder, files, path.name), path, net.state_dict())
+        bad = [k for k, v in weights.items() if not _finite(v)]
+        if bad:
+            raise ValueError(f"holds weights that are not finite ({', '.join(bad[:3])}): the run had diverged")
+        path = folder / "optimizer.bin"
+        saved = _unpickle(_read_listed(folder, files, path.name), path)
+        _check_optimizer_state(saved, optimizer)
+        read = _Read(weights, saved, state)
+        if accelerator.scaler is not None and "scaler.pt" in files:
+            path = folder / "scaler.pt"
+            read.scaler = _unpickle(_read_listed(folder, files, path.name), path)
+            if not (isinstance(read.scaler, dict) and all(_setting(v) for v in read.scaler.values())):
+                raise ValueError("is not a grad scaler's state")
+        if ema is not None and "ema.safetensors" in files:
+            path = folder / "ema.safetensors"
+            read.ema = parse_safetensors(_read_listed(folder, files, path.name), path, ema.state_dict())
+            if not all(map(_finite, read.ema.values())):
+                raise ValueError("holds EMA weights that are not finite")
+        elif ema is not None:
+            read.notes.append(f"note: {folder} has no EMA weights; the EMA starts again from the current weights")
+        rng_file = f"random_states_{accelerator.process_index}.pkl"
+        if rng_file in files:
+            path = folder / rng_file
+            read.rng = _unpickle(_read_listed(folder, files, rng_file), path)
+            _check_random_states(read.rng)
+    except (ValueError, WeightsError) as e:  # UnsafeFileError (a ValueError) and WeightsError name their file
+        named = str(path) in str(e)
+        raise _Unusable(str(e) if named else f"{path}: {e}") from None
+    if read.rng is None:
+        writers = sum(bool(re.fullmatch(r"random_states_[0-9]+[.]pkl", name)) for name in files)
+        message = (f"{folder} has no random state for process {accelerator.process_index} (it was written by "
+                   f"{writers} process(es), this run has {accelerator.num_processes})")
+        if exact:
+            raise CheckpointError(f"{message}: the resumed run would not be the uninterrupted one. Resume with the "
+                                  "run's number of processes, or add --resume-inexact to continue anyway")
+        read.notes.append(f"warning: {message}; continuing with fresh random states: the run is no longer exact")
+    return read
 
 
 def load_checkpoint(accelerator, folder: Path, *, model: torch.nn.Module, optimizer, state: TrainState, ema=None,
-                    exact: bool = True, log: Callable[[str], None] = print) -> None:
-    """Restore a verified checkpoint: model, optimizer, grad scaler, EMA, train state and this process's RNG state.
+                    exact: bool = True, fallbacks: Sequence[Path] = (), log: Callable[[str], None] = print) -> Path:
+    """Restore a checkpoint: model, optimizer, grad scaler, EMA, train state and this process's RNG state; return the
+    folder restored.
 
-    Without this process's RNG state (the run had another number of processes) the resume is refused unless
-    ``exact=False``, which continues with a warning that the run is no longer the uninterrupted one.
+    Each file is opened once (never through a link, a regular file of the manifest's size), hashed, and parsed from
+    the same bytes, so what was verified is what is loaded: Accelerate's ``load_state`` is not used, because it reads
+    the files again by name (and unpickles registered objects with ``weights_only=False``). Before anything is
+    applied, the safetensors headers are checked (within bounds, the model's names, dtypes and shapes), the weights
+    finite, the optimizer state against the optimizer, the RNG state's types and sizes, on every process; when a
+    process finds ``folder`` unusable, all go on to the first of ``fallbacks`` (older checkpoints, newest first) that
+    is usable, each skipped told with its reason. Without this process's RNG state (the run had another number of
+    processes) the resume is refused unless ``exact=False``, which continues with a warning that the run is no longer
+    the uninterrupted one.
     """
     import random
 
     import numpy as np
-    from safetensors.torch import load_file
+    from accelerate.utils import gather_object
 
-    folder = Path(folder)
-    files = _manifest(folder)["files"]
-    try:
-        accelerator.unwrap_model(model).load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit this model ({detail}): resume with the "
-                              "run's own --model, --model-kwargs, --in-chans and --input-size (its args.yaml has "
-                              "them)") from None
-    optimizer.load_state_dict(_read_pickle(folder / "optimizer.bin"))
-    if accelerator.scaler is not None and "scaler.pt" in files:
-        accelerator.scaler.load_state_dict(_read_pickle(folder / "scaler.pt"))
+    skipped = []
+    for candidate in [Path(folder), *map(Path, fallbacks)]:
+        try:
+            read, problem = _read_checkpoint(accelerator, candidate, model=model, optimizer=optimizer, ema=ema,
+                                             exact=exact), None
+        except CheckpointError as e:
+            read, problem = None, (isinstance(e, _Unusable), str(e))
+        problems = [p for p in (gather_object([problem]) if accelerator.num_processes > 1 else [problem]) if p]
+        fatal = next((text for usable_elsewhere, text in problems if not usable_elsewhere), None)
+        if fatal:
+            raise CheckpointError(fatal)
+        if not problems:
+            break
+        skipped.append(problems[0][1])
+    else:
+        if not fallbacks:
+            raise CheckpointError(f"{skipped[0]}; pass its run folder instead to fall back to the newest intact "
+                                  "checkpoint")
+        run = Path(folder).parent.parent
+        raise CheckpointError(f"no usable checkpoint in {run}: " + "; ".join(skipped) + ". Start the run again in a "
+                              f"new folder: rerun the command with --output-dir {run}-restart and without --resume")
+    for problem in skipped:
+        log(f"note: skipped {problem}")
+    for note in read.notes:
+        log(note)
+    accelerator.unwrap_model(model).load_state_dict(read.weights, strict=True)
+    optimizer.load_state_dict(read.optimizer)
+    if read.scaler is not None:
+        accelerator.scaler.load_state_dict(read.scaler)
     if ema is not None:
-        if "ema.safetensors" in files:
-            ema.load_state_dict(load_file(folder / "ema.safetensors"))
+        if read.ema is not None:
+            ema.load_state_dict(read.ema)
         else:
-            log(f"note: {folder} has no EMA weights; the EMA starts again from the current weights")
             ema.module.load_state_dict(accelerator.unwrap_model(model).state_dict())
-    try:
-        state.load_state_dict(read_json(folder / "train_state.json"))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'train_state.json'} is not a train state ({e})") from None
-
-    rng_file = f"random_states_{accelerator.process_index}.pkl"
-    if rng_file not in files:
-        message = (f"{folder} has no random state for process {accelerator.process_index} (it was written by "
-                   f"{_manifest(folder).get('world_size')} process(es), this run has {accelerator.num_processes})")
-        if exact:
-            raise CheckpointError(f"{message}: the resumed run would not be the uninterrupted one. Resume with the "
-                                  "run's number of processes, or add --resume-inexact to continue anyway")
-        log(f"warning: {message}; continuing with fresh random states: the run is no longer exact")
-        return
-    rng = _read_pickle(folder / rng_file)
-    random.setstate(rng["random_state"])
-    np.random.set_state(rng["numpy_random_seed"])
-    torch.set_rng_state(rng["torch_manual_seed"])
-    if accelerator.device.type == "cuda":
-        _restore_cuda_rng(rng.get("torch_cuda_manual_seed") or [], accelerator.device, folder / rng_file,
-                          exact=exact, log=log)
+    for key in (f.name for f in fields(TrainState)):
+        setattr(state, key, getattr(read.state, key))
+    if read.rng is not None:
+        random.setstate(read.rng["random_state"])
+        np.random.set_state(read.rng["numpy_random_seed"])
+        torch.set_rng_state(read.rng["torch_manual_seed"])
+        if accelerator.device.type == "cuda":
+            _restore_cuda_rng(list(read.rng.get("torch_cuda_manual_seed") or []), accelerator.device,
+                              candidate / f"random_states_{accelerator.process_index}.pkl", exact=exact, log=log)
+    return candidate
 
 
 def _cuda_rng_offset(state: torch.Tensor) -> Optional[int]:
@@ -526,28 +752,20 @@ def _restore_cuda_rng(saved: List[torch.Tensor], device: torch.device, path: Pat
 
 
 def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
-    """Write a plain state_dict as safetensors, atomically (a fresh temp file, then rename); a failed write (a full
-    disk) leaves no partial file and is one CheckpointError naming the file."""
+    """Write a plain state_dict as safetensors, atomically and never through a link (write_private); a failed write
+    (a full disk) leaves no partial file and is one message naming the file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    remove_entry(tmp)  # a leftover, or a planted link: safetensors would write through it
     try:
-        save_file(state_dict, str(tmp), metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file owner-only; weights are meant to be shared
-        os.replace(tmp, path)
+        write_private(path, lambda name: save_file(state_dict, str(name), metadata={"format": "pt"}))
     except Exception as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         raise write_failed(path, e, path.parent) from None
 
 
 def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
                        data_config: Dict[str, Any]) -> None:
-    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically), so that
+    """Write ``config.json`` beside an exported ``model.safetensors`` (atomically, never through a link), so that
     ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds and loads the model and
     ``timm.data.resolve_data_config(model=...)`` gives the run's eval preprocessing: timm's own ``save_config_for_hf``
     with the architecture, its kwargs, num_classes, ``label_names`` and ``data_config`` (input_size, mean, std,
@@ -555,14 +773,9 @@ def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str,
     from timm.models._hub import save_config_for_hf  # what timm's save_for_hf / push_to_hf_hub write
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    remove_entry(tmp)  # a leftover, or a planted link: timm opens the file by name
     try:
-        save_config_for_hf(model, str(tmp), model_config={"pretrained_cfg": {"architecture": architecture},
-                                                          "label_names": list(label_names)},
-                           data_config=data_config)
-        os.replace(tmp, path)
+        write_private(path, lambda name: save_config_for_hf(
+            model, str(name), model_config={"pretrained_cfg": {"architecture": architecture},
+                                            "label_names": list(label_names)}, data_config=data_config))
     except Exception as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         raise write_failed(path, e, path.parent) from None

@@ -20,11 +20,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import yaml
 
 from tract.errors import ConfigError
-from tract.safe_files import read_yaml, write_atomic
+from tract.safe_files import read_yaml, refuse_special, write_atomic
 
 __all__ = ["DATASETS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
            "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "find_run_args",
-           "parse_model_kwargs", "RESUME_FREE", "check_resume_changes", "inactive_tract_options"]
+           "parse_model_kwargs", "RESUME_FREE", "TIMM_SOURCE_KWARGS", "check_resume_changes", "inactive_tract_options"]
 
 # --data-set: the datasets tract/data.py reads (DeiT's names, and FOLDER for any ImageFolder layout).
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
@@ -40,6 +40,9 @@ RESUME_FREE = ("output_dir", "epochs", "num_workers", "pin_mem", "prefetcher", "
                "progress", "log_interval", "sync_interval", "val_interval", "checkpoint_hist",
                "checkpoint_interval_updates", "dist_timeout", "download", "torchcompile", "torchcompile_mode",
                "channels_last", "tf32", "cudnn_benchmark", "model_ema_eval")
+# timm.create_model's arguments that make it read a file or the network (timm/models/_factory.py): taken from the
+# command line only, never from a file a person other than the one typing the command may have written.
+TIMM_SOURCE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 # Flags that steer this invocation only: never written to args.yaml, never taken from it.
 RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind", "eval", "dry_run")
 LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
@@ -374,6 +377,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     first.add_argument("-c", "--config", default=None)
     first.add_argument("--resume", default=None)
     known, _ = first.parse_known_args(argv)
+    for flag, value in (("-c", known.config), ("--resume", known.resume)):
+        if value:
+            refuse_special(Path(value).expanduser(), flag)  # before anything opens it: a FIFO would hang the open
     run_args = find_run_args(known.resume) if known.resume and Path(known.resume).expanduser().is_dir() else None
     saved = {}
     if run_args is not None:  # the run continues as it was started: its own arguments are the base
@@ -385,7 +391,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
+    for flag, value in (("--finetune", args.finetune), ("--data-path", args.data_path)):
+        if value:
+            refuse_special(Path(value).expanduser(), flag)
     validate_args(args)
+    _check_model_sources(args, argv, known.config or run_args)
     if saved:
         check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
@@ -428,13 +438,33 @@ def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_ar
               (" (--resume-override: no longer the uninterrupted run)" if refused else ""))
 
 
-def command_line_keys(argv: Optional[Sequence[str]]) -> set:
-    """The argument names the command line itself sets (not defaults, not a ``-c`` config)."""
+def _command_line_values(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The values the command line itself sets (not defaults, not a ``-c`` config)."""
     parser = get_args_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     given, _ = parser.parse_known_args(argv)
-    return set(vars(given)) - {"config"}
+    return {k: v for k, v in vars(given).items() if k != "config"}
+
+
+def command_line_keys(argv: Optional[Sequence[str]]) -> set:
+    """The argument names the command line itself sets (not defaults, not a ``-c`` config)."""
+    return set(_command_line_values(argv))
+
+
+def _check_model_sources(args: argparse.Namespace, argv: Optional[Sequence[str]], source: Any) -> None:
+    """Refuse model_kwargs that make timm read a file or the network (TIMM_SOURCE_KWARGS) unless the command line
+    gives them: a config, a run's args.yaml or finetune.py's pretraining run may not."""
+    typed = _command_line_values(argv).get("model_kwargs", {})
+    foreign = [k for k in TIMM_SOURCE_KWARGS
+               if args.model_kwargs.get(k) not in (None, False, "", {}) and k not in typed]
+    if foreign:
+        where = source or "the args.yaml of the run whose weights are finetuned"
+        them = "it" if len(foreign) == 1 else "them"
+        raise ConfigError(f"model_kwargs {', '.join(f'{k}={args.model_kwargs[k]!r}' for k in foreign)} (from {where}) "
+                          f"would make timm read a file or the network, which a file may not ask for. Remove {them} "
+                          f"from {where}, or give {them} on the command line (--model-kwargs "
+                          f"{' '.join(f'{k}=...' for k in foreign)})")
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -565,7 +595,10 @@ def inactive_tract_options(args: argparse.Namespace) -> Optional[str]:
             "first layer with TrAct)")
 
 
-def save_args(args: argparse.Namespace, path: Path) -> None:
-    """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out)."""
+def save_args(args: argparse.Namespace, path: Path) -> bytes:
+    """Write the resolved arguments as YAML that ``-c`` accepts back (run-control flags left out); return the bytes
+    written."""
     values = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONTROL}
-    write_atomic(Path(path), yaml.safe_dump(values, sort_keys=False).encode())  # never a partial or 0-byte file
+    data = yaml.safe_dump(values, sort_keys=False).encode()
+    write_atomic(Path(path), data)  # never a partial or 0-byte file
+    return data

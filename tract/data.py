@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from tract.config import DATASETS
 from tract.errors import ConfigError, DatasetError
 from tract.runtime import default_num_workers
+from tract.safe_files import special_kind
 
 __all__ = ["FMNIST_DEBIAN_ROOT", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
@@ -83,7 +84,15 @@ def read_image(path: str):
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO planted in the folder must not hang the loader
+    except OSError as e:
+        raise DatasetError(f"cannot read image {path} ({e.strerror}): replace or delete the file") from None
+    kind = special_kind(os.fstat(fd).st_mode)
+    if kind:
+        os.close(fd)
+        raise DatasetError(f"cannot read image {path} (a {kind}, not a file): replace or delete the file")
+    try:
+        with os.fdopen(fd, "rb") as f:
             image = Image.open(f)
             image.load()
             return image.convert("RGB") if image.mode not in ("RGB", "L") else image
@@ -609,10 +618,7 @@ def image_size(dataset) -> Optional[Tuple[int, int]]:
     """(width, height) of a dataset's first image as stored, without its transform; None where sizes vary or are
     not known without decoding every file (Flowers, Cars)."""
     if hasattr(dataset, "samples") and dataset.samples:  # ImageFolder
-        from PIL import Image
-
-        with Image.open(dataset.samples[0][0]) as image:
-            return image.size
+        return read_image(dataset.samples[0][0]).size
     data = getattr(dataset, "data", None)  # FashionMNISTIDX (N, H, W), CIFAR (N, H, W, C)
     if isinstance(data, np.ndarray) and data.ndim >= 3:
         return int(data.shape[2]), int(data.shape[1])

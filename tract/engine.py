@@ -456,7 +456,8 @@ def evaluate_and_log(number: int, train_stats: Dict[str, float], *, args, model:
                      accelerator, state: TrainState, run_log, checkpoints: Path, n_parameters: int,
                      log: Callable[[str], None] = print) -> None:
     """After epoch ``number`` (from 1): evaluate the model (and the EMA) if --val-interval says so, take a better
-    test_acc1 as the best (repointing ``checkpoints/best``), write the epoch's line to ``run_log`` and tell the user."""
+    test_acc1 as the best (repointing ``checkpoints/best``), write the epoch's line to ``run_log`` (unless it has it:
+    an epoch evaluated again after a resume) and tell the user."""
     stats, evaluated = dict(train_stats), number % args.val_interval == 0 or number == args.epochs
     # The eval loader draws its seed from the global RNG: forked, so training's random stream is the same whether or
     # not an evaluation ran in between (a resume may or may not have to redo one).
@@ -469,7 +470,8 @@ def evaluate_and_log(number: int, train_stats: Dict[str, float], *, args, model:
         state.best_acc1, state.best_epoch = stats["test_acc1"], number - 1
         if accelerator.is_main_process:
             repair_links(checkpoints, state)
-    run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
+    if not run_log.has(number):  # evaluated again after a resume: the best counts it, the log has it
+        run_log.write({"epoch": number, **stats, "n_parameters": n_parameters}, step=state.num_updates)
     state.pending = {}
     tested = (f"test_acc1 {stats['test_acc1']:.2f}%  test_acc5 {stats['test_acc5']:.2f}%" if evaluated
               else "not evaluated (--val-interval)")

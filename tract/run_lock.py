@@ -15,7 +15,7 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tract.errors import ConfigError
 from tract.safe_files import UnsafeFileError, refuse_link
@@ -39,6 +39,44 @@ def check_still_held(folder: Path) -> None:
         lock.check()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _flock_holders(info: os.stat_result) -> List[int]:
+    """The processes the kernel lists as holding an flock on the file ``info`` describes (Linux's /proc/locks)."""
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        return []
+    return sorted({int(fields[4]) for fields in lines if len(fields) > 5 and fields[1] == "FLOCK" and
+                   fields[5] == device and fields[4].isdigit()})
+
+
+def _holder(written: bytes, info: os.stat_result) -> str:
+    """Who holds a run's lock: the process the lock file names, if it still runs; else the holder the kernel lists,
+    for a process that opened the lock without writing it (another user, once able to read it) may hold it."""
+    try:
+        who = json.loads(written.decode(errors="replace"))
+        pid, host, started = int(who["pid"]), str(who["host"]), str(who["started"])
+    except (ValueError, KeyError, TypeError):
+        who = None
+    if who is not None and (host != socket.gethostname() or _alive(pid)):
+        return f"process {pid} on {host} (since {started})"
+    holders = _flock_holders(info)
+    named = (f"process {', '.join(map(str, holders))} on {socket.gethostname()}" if holders else
+             "another process")
+    return named + (f", not the run that wrote {LOCK_NAME} (its process {pid} has ended)" if who is not None else "")
+
+
 class RunLock:
     """An exclusive lock on a run folder for the lifetime of the run (or until :meth:`release`)."""
 
@@ -54,8 +92,8 @@ class RunLock:
         self._created_folder = not os.path.lexists(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         refuse_link(self.folder, f"Pass the real folder: --output-dir {os.path.realpath(self.folder)}")
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:  # readable by its owner only: anyone who can open a lock can flock it, and so hold the run's folder
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 refuse_link(self.path, f"Delete it, then rerun the command (with --resume {self.folder} if the "
@@ -66,16 +104,13 @@ class RunLock:
             os.close(fd)
             raise UnsafeFileError(f"{self.path} is not a plain file of the run (a hard link to a file elsewhere, or "
                                   f"not a file): nothing is written through it. Delete it, then rerun the command")
+        if info.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)  # a lock an earlier version made readable by all
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace")
+            holder = _holder(os.read(fd, 4096), info)
             os.close(fd)
-            try:
-                who = json.loads(holder)
-                holder = f"process {who['pid']} on {who['host']} (since {who['started']})"
-            except (ValueError, KeyError, TypeError):
-                holder = "another process"
             raise ConfigError(f"{self.folder} is in use by {holder}: a run is writing there. Wait for it to end or "
                               "stop it, or choose another --output-dir") from None
         os.ftruncate(fd, 0)
@@ -102,9 +137,9 @@ class RunLock:
                                 "that folder is not affected; if the folder was deleted by mistake, start the run "
                                 "again with the original command")
 
-    def release(self) -> None:
+    def release(self, keep: bool = False) -> None:
         """Let go of the lock; a folder this run created and left with nothing trained (the lock and the args.yaml
-        it wrote) is removed."""
+        it wrote) is removed, unless ``keep`` (a start-up stopped by a signal: the requeued job resumes it)."""
         if self._fd is None:
             return
         _HELD.pop(os.path.realpath(self.folder), None)
@@ -113,7 +148,7 @@ class RunLock:
             left = {p.name for p in self.folder.iterdir()}
         except (ConfigError, OSError):
             left = None
-        if self._created_folder and left is not None and left <= {LOCK_NAME, "args.yaml"}:
+        if self._created_folder and not keep and left is not None and left <= {LOCK_NAME, "args.yaml"}:
             try:
                 for name in left:
                     (self.folder / name).unlink()

@@ -13,14 +13,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from tract.engine import SplitOptimizer, lr_warning, mixup_active
 from tract.run_lock import RunFolderLost, check_still_held
-from tract.safe_files import append_text, read_bytes, write_atomic, write_failed
+from tract.safe_files import UnsafeFileError, append_text, read_json_lines, write_atomic, write_failed
 
 __all__ = ["RunLog", "read_log", "run_summary", "describe_optimizer", "describe_first_layer", "describe_loss",
            "describe_augmentation", "describe_patch_norm", "MAX_LOG_BYTES"]
@@ -140,17 +140,51 @@ def describe_patch_norm(mode: str) -> str:
                     "token after it"}[mode]
 
 
+def _line_checker() -> Callable[[Any], None]:
+    """A check of log.txt's lines in order (ValueError for one train.py cannot have written): an epoch's line has a
+    positive whole epoch, later than the line before, accuracies in [0, 100] and finite numbers; a resume-override
+    line says what changed and after which epoch."""
+    last = [0]
+
+    def check(line: Any) -> None:
+        if not isinstance(line, dict):
+            raise ValueError("not a JSON object")
+        if "epoch" not in line:
+            if set(line) != {"resume_override", "after_epoch", "time"} or not isinstance(line["resume_override"], str) \
+                    or type(line["after_epoch"]) is not int or not 0 <= line["after_epoch"] <= last[0] + 1:
+                raise ValueError("neither an epoch's line nor a resume-override line")
+            return
+        epoch = line["epoch"]
+        if type(epoch) is not int or not last[0] < epoch < 1 << 31:
+            raise ValueError(f"epoch {epoch!r} is not a whole number after the line before's {last[0]}")
+        for key, value in line.items():
+            if not (isinstance(key, str) and len(key) <= 64):
+                raise ValueError(f"key {str(key)[:64]!r} is not a statistic's name")
+            if key.endswith(("acc1", "acc5")) and not (type(value) in (int, float) and 0 <= value <= 100):
+                raise ValueError(f"{key} {value!r} is not an accuracy in [0, 100]")
+            if not (type(value) in (int, float) or (isinstance(value, str) and len(value) <= 64)):
+                raise ValueError(f"{key} {str(value)[:64]!r} is not a number")
+        last[0] = epoch
+
+    return check
+
+
 def read_log(path: Path) -> List[Dict]:
-    """The complete JSON lines of a ``log.txt`` (a line cut short by a kill is left out); a log that is a link or
-    beyond MAX_LOG_BYTES is refused."""
-    records = []
-    if os.path.lexists(path):
-        for line in read_bytes(Path(path), MAX_LOG_BYTES).decode(errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return [r for r in records if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
+    """The lines of a ``log.txt``, each checked (``_line_checker``); a line cut short by a kill is left out. A log
+    that is a link, beyond MAX_LOG_BYTES or holds a line train.py cannot have written (an accuracy of 1000, NaN, a
+    string for a number) is refused, naming the file and the line."""
+    if not os.path.lexists(path):
+        return []
+    try:
+        return read_json_lines(Path(path), MAX_LOG_BYTES, _line_checker())
+    except UnsafeFileError as e:
+        raise UnsafeFileError(f"{e}: not a line train.py writes. Restore or delete that line, then rerun the command "
+                              f"with --resume {Path(path).parent}") from None
+
+
+def _place(line: Dict) -> int:
+    """The epochs done when a log line was written (an epoch's line: its number)."""
+    return line["epoch"] if "epoch" in line else line["after_epoch"]
 
 
 def _numbers(values) -> str:
@@ -178,11 +212,12 @@ class RunLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.records = [r for r in read_log(self.path) if resume_epoch is None or r["epoch"] <= resume_epoch]
+            lines = [r for r in read_log(self.path) if resume_epoch is None or _place(r) <= resume_epoch]
+            self.records = [r for r in lines if "epoch" in r]
             if resume_epoch is not None:
                 # Rewritten whole, never through a link planted in the folder (safe_files).
                 try:
-                    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+                    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in lines).encode())
                     if self.records:
                         write_atomic(self.summary, _summary_lines(self.records, header=True).encode())
                     else:

@@ -7,7 +7,9 @@ multi-process run the processes agree by one all-reduce, and read its result on 
 updates (``--sync-interval``), so that they stop after the same update without a device sync per update; a
 single process stops after the next update. train.py then writes the ``last`` checkpoint (with the position inside
 the epoch) and exits with status 75 (EX_TEMPFAIL: "requeue me"). ``--resume`` continues from that update. A first
-Ctrl-C (SIGINT) does the same and exits 130; a second one stops at once.
+Ctrl-C (SIGINT) does the same and exits 130; a second one stops at once. Before the first update (the start-up:
+data, model, a checkpoint, a resumed epoch's evaluation) there is nothing to save, and a start-up can hang (a stalled
+file system): a signal then ends the process at once, with the same status.
 """
 import argparse
 import hashlib
@@ -27,7 +29,7 @@ from tract.errors import ConfigError, DatasetError, WeightsError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
            "launched_for_gpus", "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator",
-           "cpu_launch", "default_num_workers", "Preemption", "run_cli", "on_main"]
+           "cpu_launch", "default_num_workers", "StartUpStopped", "Preemption", "run_cli", "on_main"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -216,9 +218,15 @@ def default_num_workers() -> int:
     return max(0, min(10, per_process))
 
 
+class StartUpStopped(BaseException):
+    """A signal before the first optimizer update: the start-up stops where it is (a BaseException, so that no
+    library's ``except Exception`` holds it up)."""
+
+
 class Preemption:
     """Turns SIGUSR1/SIGTERM, and a first Ctrl-C (SIGINT), into a flag that all processes agree on at the same
-    optimizer update; a second Ctrl-C stops at once (KeyboardInterrupt).
+    optimizer update; a second Ctrl-C stops at once (KeyboardInterrupt). Until :meth:`arm` (called before the first
+    update) a signal raises StartUpStopped at once instead: nothing is trained yet, and a hung start-up must end.
 
     ``interval``: in a multi-process run the agreement (an all-reduce and a host read) happens at updates that are
     multiples of it, or whenever ``should_stop`` is asked without an update number. ``exit_code`` is the status the
@@ -232,6 +240,7 @@ class Preemption:
         self.requested = False
         self.received: Optional[int] = None  # the first signal
         self.interval = interval
+        self.armed = False
         self._previous = {}
 
     def install(self) -> "Preemption":
@@ -252,6 +261,12 @@ class Preemption:
         if self.received is None:
             self.received = signum
         self.requested = True
+        if not self.armed:
+            raise StartUpStopped
+
+    def arm(self) -> None:
+        """Training starts: from here on a signal only raises the flag, and the loop stops after an update."""
+        self.armed = True
 
     @property
     def interrupted(self) -> bool:
@@ -275,9 +290,11 @@ class Preemption:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def stop(self, where: str, output_dir, log: Callable[[str], None] = print) -> NoReturn:
-        """Say where the run stopped and how to continue it, then exit with ``exit_code``."""
-        log(f"{'interrupted' if self.interrupted else 'preempted'} {where}: exiting with {self.exit_code} (resume with "
-            f"--resume {output_dir}, e.g. python train.py --resume {output_dir})")
+        """Say where the run stopped and how to continue it (``output_dir`` None: nothing was written), then exit with
+        ``exit_code``."""
+        how = (f"resume with --resume {output_dir}, e.g. python train.py --resume {output_dir}" if output_dir else
+               "nothing was written: rerun the command")
+        log(f"{'interrupted' if self.interrupted else 'preempted'} {where}: exiting with {self.exit_code} ({how})")
         raise SystemExit(self.exit_code)
 
 

@@ -14,14 +14,17 @@ import math
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional
 
 from tract.errors import ConfigError
 
 __all__ = ["UnsafeFileError", "MAX_JSON_BYTES", "MAX_YAML_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "link_problem",
-           "refuse_link", "remove_entry", "write_new", "write_atomic", "append_text", "read_bytes", "read_json",
-           "read_yaml", "sha256_file", "disk_full", "disk_problem", "WriteFailed", "write_failed"]
+           "refuse_link", "special_kind", "refuse_special", "remove_entry", "private_folder", "current_umask",
+           "write_private", "write_new", "write_atomic", "append_text", "read_bytes", "read_exact", "parse_json",
+           "read_json", "read_json_lines", "parse_yaml", "read_yaml", "sha256_file", "disk_full", "disk_problem",
+           "WriteFailed", "write_failed"]
 
 MAX_JSON_BYTES = 1 << 20  # a manifest or train state is a few KB
 MAX_YAML_BYTES = 1 << 20  # args.yaml and configs are a few KB
@@ -92,6 +95,29 @@ def refuse_link(path: Path, fix: str) -> None:
                               f"{fix}")
 
 
+_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"))
+
+
+def special_kind(mode: int) -> Optional[str]:
+    """What a file of ``mode`` (``st_mode``) is when it is a FIFO, socket or device, whose reading may wait forever
+    or never end; None for a regular file or folder."""
+    return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
+def refuse_special(path: Path, what: str) -> None:
+    """Refuse a user-given path that is a FIFO, socket or device, found by ``stat`` (links followed: a user's own path
+    may be one), never by opening it, which waits for a FIFO's writer; a path that does not exist passes (its reader
+    says so)."""
+    try:
+        kind = special_kind(os.stat(path).st_mode)
+    except OSError:
+        return
+    if kind:
+        raise UnsafeFileError(f"{what} {path} is a {kind}, not a file or folder: nothing is read from it. Pass a "
+                              "regular file or folder")
+
+
 def remove_entry(path: Path) -> None:
     """Remove whatever is at ``path`` without following it: a link (never its target), a file, or a real folder."""
     try:
@@ -102,6 +128,36 @@ def remove_entry(path: Path) -> None:
         shutil.rmtree(path)  # rmtree removes links inside a folder, never what they point to
     else:
         os.unlink(path)
+
+
+def private_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` that no one else can enter (``mkdtemp``: a name no one can predict, mode 0700), for
+    a library that writes files by name (Accelerate's save_state, safetensors, timm): no one can plant a link in it
+    for the library to write through."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def current_umask() -> int:
+    """The process's umask (the permissions a new file or folder does not get)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_private(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` with ``write(name)``, a library's writer that opens its file by name: it writes into a private
+    folder beside ``path`` (private_folder), and the file, given the permissions the umask gives, is renamed over
+    ``path``. A failure leaves nothing (nor does a leftover of a kill outlive the next write)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        remove_entry(leftover)
+    folder = private_folder(path.parent, f".{path.name}.")
+    try:
+        write(folder / path.name)
+        os.chmod(folder / path.name, 0o666 & ~current_umask())  # safetensors creates files owner-only; these are shared
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -183,14 +239,35 @@ def _open_regular(path: Path, limit: int, follow: bool = False):
 def read_bytes(path: Path, limit: int, follow: bool = False) -> bytes:
     """The content of a regular file of at most ``limit`` bytes (UnsafeFileError otherwise); a link is refused unless
     ``follow`` (a user's own config file may be one; a run folder's files may not)."""
-    fd, _ = _open_regular(path, limit, follow)
+    fd, size = _open_regular(path, limit, follow)
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
+            data = f.read(size + 1)
+            while len(data) > size and len(data) <= limit:  # growing while read: read on, never past the limit
+                more = f.read(min(1 << 22, limit + 1 - len(data)))
+                if not more:
+                    break
+                data += more
     finally:
         os.close(fd)
     if len(data) > limit:  # grew while being read
         raise UnsafeFileError(f"{path} holds more than the {limit} bytes such a file can have")
+    return data
+
+
+def read_exact(path: Path, size: int) -> bytes:
+    """The content of a regular file (not followed if a link) that must hold exactly ``size`` bytes, read by one open
+    into memory: what the caller hashes is what it parses, whatever happens to the name meanwhile."""
+    fd, actual = _open_regular(path, size)
+    try:
+        if actual != size:
+            raise UnsafeFileError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(size + 1)
+    finally:
+        os.close(fd)
+    if len(data) != size:  # grew or shrank while being read
+        raise UnsafeFileError(f"{path}: {len(data)} bytes read, the manifest says {size} (changed while read)")
     return data
 
 
@@ -234,19 +311,47 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number train.py writes")
 
 
-def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """Parse a JSON file within the bounds (size, depth, finite numbers); UnsafeFileError naming it otherwise."""
+def parse_json(data: bytes, name: Any) -> Any:
+    """Parse JSON bytes within the bounds (depth, finite numbers: no NaN or Infinity, which Python's json accepts);
+    UnsafeFileError naming ``name`` (a file, or a file and line) otherwise. The caller bounds the size."""
     import json
 
-    data = read_bytes(path, limit)
     try:
         value = json.loads(data.decode(), parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
-        raise UnsafeFileError(f"{path} nests deeper than {MAX_DEPTH} levels") from None
+        raise UnsafeFileError(f"{name} nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise UnsafeFileError(f"{path} is not valid JSON ({str(e).splitlines()[0][:200]})") from None
-    _check_depth(value, path)
+        raise UnsafeFileError(f"{name} is not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    _check_depth(value, name)
     return value
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file within the bounds (size, depth, finite numbers); UnsafeFileError naming it otherwise."""
+    return parse_json(read_bytes(path, limit), path)
+
+
+def read_json_lines(path: Path, limit: int, check: Callable[[Any], None]) -> List[Any]:
+    """The values of a file of one JSON value per line (bounded as read_json), each passed to ``check``, which raises
+    ValueError for one a writer of the file cannot have written; a bad line is one UnsafeFileError naming the file and
+    its line number. A last line without its newline (cut short by a kill) is left out."""
+    lines = read_bytes(path, limit).split(b"\n")
+    values = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = parse_json(line, f"{path} line {number}")
+        except UnsafeFileError:
+            if number == len(lines):  # no newline after it: a write that a kill cut short
+                break
+            raise
+        try:
+            check(value)
+        except ValueError as e:
+            raise UnsafeFileError(f"{path} line {number}: {e}") from None
+        values.append(value)
+    return values
 
 
 def _expanded_nodes(value: Any, path: Path, sizes: dict, depth: int = 0) -> int:
@@ -287,9 +392,14 @@ def read_yaml(path: Path, limit: int = MAX_YAML_BYTES, *, follow: bool = False, 
 
 
 def _read_yaml(path: Path, limit: int, follow: bool) -> Any:
+    return parse_yaml(read_bytes(path, limit, follow), path)
+
+
+def parse_yaml(data: bytes, path: Any) -> Any:
+    """Parse YAML bytes with yaml.safe_load within the bounds (depth, expanded size, finite numbers); UnsafeFileError
+    naming ``path`` otherwise. The caller bounds the size."""
     import yaml
 
-    data = read_bytes(path, limit, follow)
     try:
         value = yaml.safe_load(data.decode())
     except RecursionError:

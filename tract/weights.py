@@ -9,6 +9,8 @@ plain containers only, so a file that would run code when unpickled is refused, 
 from __future__ import annotations
 
 import argparse
+import io
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -16,8 +18,10 @@ import torch
 from torch import nn
 
 from tract.errors import WeightsError
+from tract.safe_files import UnsafeFileError, parse_json, read_bytes, refuse_special
 
-__all__ = ["load_state_dict", "adapt_state_dict", "load_pretrained"]
+__all__ = ["MAX_WEIGHTS_BYTES", "MAX_SAFETENSORS_HEADER", "SAFETENSORS_DTYPES", "check_safetensors",
+           "parse_safetensors", "load_state_dict", "adapt_state_dict", "load_pretrained"]
 
 # Looked up in this order in a folder: train.py output and Accelerate save_state write the first, Accelerate with
 # safe_serialization=False the second.
@@ -30,21 +34,116 @@ CHECKPOINT_MODEL_KEYS = ("model", "state_dict")
 # DeiT and timm training checkpoints store their command line as an argparse.Namespace of plain values: safe to build.
 _SAFE_PICKLE_GLOBALS = [argparse.Namespace]
 _MAX_LISTED = 10
+MAX_WEIGHTS_BYTES = 1 << 40  # one weights file (ViT-g's are a few GB); read into memory once, then parsed
+MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit for its JSON header
+# safetensors' dtype names (its format spec) and the torch dtypes they hold
+SAFETENSORS_DTYPES = {name: dtype for name, dtype in (
+    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+    ("BOOL", torch.bool), ("C64", torch.complex64), ("U64", getattr(torch, "uint64", None)),
+    ("U32", getattr(torch, "uint32", None)), ("U16", getattr(torch, "uint16", None)),
+    ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)))
+    if dtype is not None}
 
 Log = Callable[[str], None]
 
 
+def _header(data: bytes, name: object) -> dict:
+    """The JSON header of safetensors bytes, its length bounded by the file and MAX_SAFETENSORS_HEADER."""
+    if len(data) < 8:
+        raise WeightsError(f"{name}: {len(data)} bytes, too short for safetensors (is the file complete?)")
+    length = int.from_bytes(data[:8], "little")
+    if length > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
+        raise WeightsError(f"{name}: its safetensors header length {length} is beyond the file ({len(data)} bytes) "
+                           f"or the {MAX_SAFETENSORS_HEADER}-byte limit")
+    try:
+        header = parse_json(data[8:8 + length], f"{name}'s safetensors header")
+    except UnsafeFileError as e:
+        raise WeightsError(str(e)) from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{name}: its safetensors header is not a mapping of tensors")
+    return header
+
+
+def _is_size(value: object) -> bool:
+    return type(value) is int and 0 <= value < 1 << 62
+
+
+def check_safetensors(data: bytes, name: object,
+                      expected: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Raise WeightsError (one line, naming ``name``) unless ``data`` is a safetensors file within bounds, checked
+    before safetensors parses it: the header length against the file and a cap, the header bounded JSON, every
+    tensor's dtype known and its byte range in the file, the ranges in order, not overlapping and contiguous from the
+    start of the data to its end; with ``expected`` (name -> tensor), the same names, dtypes and shapes."""
+    header = _header(data, name)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise WeightsError(f"{name}: its safetensors __metadata__ is not a mapping of strings")
+    spans = []
+    for key, entry in header.items():
+        if not (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}):
+            raise WeightsError(f"{name}: tensor {key[:100]!r} has no dtype, shape and data_offsets")
+        dtype, shape, offsets = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+        if dtype is None:
+            raise WeightsError(f"{name}: tensor {key[:100]!r} has an unknown dtype {str(entry['dtype'])[:20]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 16 and all(map(_is_size, shape))):
+            raise WeightsError(f"{name}: tensor {key[:100]!r} has a shape that is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_size, offsets)) and
+                offsets[0] <= offsets[1]):
+            raise WeightsError(f"{name}: tensor {key[:100]!r} has data_offsets that are not [begin, end]")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != size:
+            raise WeightsError(f"{name}: tensor {key[:100]!r} spans {offsets[1] - offsets[0]} bytes, its dtype and "
+                               f"shape need {size}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise WeightsError(f"{name}: tensor {key[:100]!r} at byte {begin} {what} (ending at {end})")
+        end = stop
+    data_bytes = len(data) - 8 - int.from_bytes(data[:8], "little")
+    if end != data_bytes:
+        raise WeightsError(f"{name}: its tensors end at byte {end} of the data, which holds {data_bytes}")
+    if expected is not None:
+        problems = [f"missing {k}" for k in expected if k not in header]
+        problems += [f"unexpected {k}" for k in header if k not in expected]
+        problems += [f"{k}: {header[k]['dtype']} {header[k]['shape']} where the model has "
+                     f"{str(v.dtype).replace('torch.', '')} {list(v.shape)}" for k, v in expected.items()
+                     if k in header and (SAFETENSORS_DTYPES[header[k]["dtype"]] != v.dtype or
+                                         header[k]["shape"] != list(v.shape))]
+        if problems:
+            raise WeightsError(f"{name} does not fit the model ({len(problems)} problem(s)): {_listing(problems)}")
+
+
+def parse_safetensors(data: bytes, name: object,
+                      expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes, checked first (check_safetensors); WeightsError naming ``name`` otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    check_safetensors(data, name, expected)
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"cannot read {name} as safetensors ({str(e)[:200]})") from None
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Plain state_dict (name -> tensor, on CPU) from any supported weights format."""
+    """Plain state_dict (name -> tensor, on CPU) from any supported weights format; the file is read once (a FIFO,
+    socket or device refused before it is opened), then checked and parsed from those bytes."""
     path = Path(path)
+    refuse_special(path, "weights")
     if path.is_dir():
         path = _weights_file_in(path)
     elif not path.exists():
         raise WeightsError(f"weights not found: {path} does not exist; pass a train.py output folder, an Accelerate "
                            f"checkpoint folder, or a .safetensors / .pth / .bin file")
+    data = read_bytes(path, MAX_WEIGHTS_BYTES, follow=True)  # a user's weights may be a link (the Hub's cache)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    obj = _read_pickle(path)
+        return parse_safetensors(data, path)
+    obj = _read_pickle(data, path)
     if isinstance(obj, Mapping):
         for key in CHECKPOINT_MODEL_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -100,22 +199,12 @@ def _weights_file_in(folder: Path) -> Path:
                        f"train.py or Accelerate save_state), found {_listing(found) if found else 'nothing'}; {hint}")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"cannot read {path} as safetensors ({e}); is the file complete?") from None
-
-
-def _read_pickle(path: Path) -> object:
+def _read_pickle(data: bytes, path: Path) -> object:
     try:
         with torch.serialization.safe_globals(_SAFE_PICKLE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises anything from KeyError to UnpicklingError on foreign files
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(data)
         if unsafe:
             raise WeightsError(
                 f"refusing to load {path}: besides tensors it pickles {', '.join(unsafe)}, and unpickling those "
@@ -126,10 +215,10 @@ def _read_pickle(path: Path) -> object:
                            f"of tensors or a .safetensors file") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(data: bytes) -> list[str]:
     """Globals the pickle would import, read from its opcodes without unpickling; [] if it cannot be parsed."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
     except Exception:  # not a torch.save file at all: nothing to name
         return []
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_PICKLE_GLOBALS}
