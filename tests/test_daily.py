@@ -251,7 +251,7 @@ def test_an_lr_scaled_to_at_or_below_min_lr_or_warmup_lr_is_warned_in_the_dry_ru
     train.main(tiny_run(tiny_imagefolder, "unused", "--lr", "1e-5", "--no-unscale-lr", "--batch-size", "16",
                         "--min-lr", "1e-6", "--dry-run"))
     out = capsys.readouterr().out
-    assert "  lr: 3.125e-07 (--lr 1e-05 x global batch 16 / 512); WARNING: the peak lr 3.13e-07" in out
+    assert "  lr: 3.125e-07 (--lr 1e-05 per 512 images x global batch 16 / 512); WARNING: the peak lr 3.13e-07" in out
     assert "warning: the peak lr 3.13e-07 (--lr 1e-05 scaled by global batch / 512) is below --min-lr 1e-06, so the " \
         "cosine schedule rises instead of decaying: raise --lr (or lower --min-lr / --warmup-lr)" in out
     train.main(tiny_run(tiny_imagefolder, "unused", "--warmup-epochs", "1", "--epochs", "2", "--warmup-lr", "2e-3",

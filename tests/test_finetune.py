@@ -121,15 +121,18 @@ def vit_s_224(tmp_path_factory) -> Path:
     return zero_weights(tmp_path_factory.mktemp("vit_s") / "model.safetensors", "deit3_small_patch16_224")
 
 
-# config -> (writer of a dataset root with enough training images for one batch, class count, pretrained weights)
+# config -> (writer of a dataset root with enough training images for one update of the config's global batch on one
+# process, class count, pretrained weights)
 DRY_RUNS = {
-    "deit3_vit_b_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_b_192"),
-    "deit3_vit_s_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_s_224"),
-    "transfer_cifar10": (lambda root: datagen.write_cifar(root, 10, n_train=96, n_test=2), 10, "vit_s_224"),
-    "transfer_cifar100": (lambda root: datagen.write_cifar(root, 100, n_train=96, n_test=2), 100, "vit_s_224"),
-    "transfer_flowers": (lambda root: datagen.write_flowers(root, n_train=48, n_val=48, n_test=2, size=(16, 16)), 102,
+    "deit3_vit_b_ft224": (lambda root: write_image_folder(root, train_per_class=171, val_per_class=1, size=8), 3,
+                          "vit_b_192"),
+    "deit3_vit_s_ft224": (lambda root: write_image_folder(root, train_per_class=171, val_per_class=1, size=8), 3,
+                          "vit_s_224"),
+    "transfer_cifar10": (lambda root: datagen.write_cifar(root, 10, n_train=768, n_test=2), 10, "vit_s_224"),
+    "transfer_cifar100": (lambda root: datagen.write_cifar(root, 100, n_train=768, n_test=2), 100, "vit_s_224"),
+    "transfer_flowers": (lambda root: datagen.write_flowers(root, n_train=384, n_val=384, n_test=2, size=(8, 8)), 102,
                          "vit_s_224"),
-    "transfer_cars": (lambda root: datagen.write_cars(root, n_train=96, n_test=2, size=(16, 16)), 196, "vit_s_224"),
+    "transfer_cars": (lambda root: datagen.write_cars(root, n_train=768, n_test=2, size=(8, 8)), 196, "vit_s_224"),
 }
 
 
@@ -148,12 +151,12 @@ def test_config_dry_run_resolves_the_recipe_and_adapts_the_pretrained_weights(co
 
     cfg = yaml.safe_load(path.read_text())
     width = 768 if "vit_b" in config else 384
-    expected = {"classes": num_classes, "epochs": cfg["epochs"], "global batch": cfg["batch_size"],
-                "lr": f"{cfg['lr'] * cfg['batch_size'] / 512:.6g}",  # one process: DeiT's linear scaling to the batch
+    expected = {"classes": num_classes, "epochs": cfg["epochs"], "global batch": cfg["global_batch"],
+                "lr": f"{cfg['lr'] * cfg['global_batch'] / 512:.6g}",  # DeiT's linear scaling to the global batch
                 "optimizer": "AdamW, eps 1e-08",  # DeiT main.py's --opt-eps
                 "tract": "off"}  # the weights are not a train.py run and the config does not set TrAct
     for key, value in expected.items():
-        assert f"  {key}: {value}" + (" (--lr" if key == "lr" else "\n") in printed, key
+        assert f"  {key}: {value}" + {"lr": " (--lr", "global batch": " = "}.get(key, "\n") in printed, key
     assert "finetune.py: TrAct off: from the config and command line (the weights are not a train.py run" in printed
     assert (f"weights have head.bias (1000,), head.weight (1000, {width}); "
             f"model has head.bias ({num_classes},)") in printed

@@ -133,8 +133,8 @@ PAPER_RUNS = [
 
 
 @pytest.mark.parametrize("config, gpus, lam, lr, params", PAPER_RUNS)
-def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_path, capsys, config, gpus, lam, lr,
-                                                                            params):
+def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_path, capsys, monkeypatch, config, gpus,
+                                                                            lam, lr, params):
     out = tmp_path / "never"
     # Fashion-MNIST (10 classes) stands in for ImageNet: big enough for a full update of 256 x 2 images
     train.main(["-c", str(ROOT / "configs" / config), "--data-set", "FMNIST", "--output-dir", str(out),
@@ -142,11 +142,14 @@ def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_p
     printed = dict(re.findall(r"^  ([a-z -]+): (.*)$", capsys.readouterr().out, flags=re.M))
     assert int(printed["parameters"]) == params
     batch, accum = int(printed["per-process batch"]), int(printed["accumulation steps"])
-    assert batch * accum * gpus == 2048
-    assert int(printed["global batch"]) == batch * accum * int(printed["processes"])
+    assert batch * accum * int(printed["processes"]) == 2048  # --global-batch 2048 on whatever is launched
+    assert printed["global batch"].startswith(f"2048 = {batch} per process x 1 process x {accum} accumulation steps")
     assert float(printed["lr"].split(" (")[0]) == lr
     assert printed["tract"] == f"on, layer patch_embed.proj, lambda {lam}"
     assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", str(gpus))  # the paper's GPUs: 256 images each, accumulated to 2048
+    paper = parse_args(["-c", str(ROOT / "configs" / config)])
+    assert (paper.batch_size, paper.accum_steps) == (256, 2048 // (256 * gpus))
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------

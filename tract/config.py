@@ -20,11 +20,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import yaml
 
 from tract.errors import ConfigError
+from tract.global_batch import batch_layout, launched_processes, reachable_layouts
 from tract.safe_files import read_yaml, refuse_special, write_atomic
 
 __all__ = ["DATASETS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
            "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "find_run_args",
-           "parse_model_kwargs", "RESUME_FREE", "TIMM_SOURCE_KWARGS", "check_resume_changes", "inactive_tract_options"]
+           "parse_model_kwargs", "RESUME_FREE", "TIMM_SOURCE_KWARGS", "check_resume_changes", "inactive_tract_options",
+           "apply_global_batch"]
 
 # --data-set: the datasets tract/data.py reads (DeiT's names, and FOLDER for any ImageFolder layout).
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
@@ -192,7 +194,13 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     # --batch: DeiT III's README command spells it so (argparse's abbreviation there; explicit here, as none are taken)
     g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=128, help="batch size per process")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="micro-batches accumulated per optimizer update (derived when --global-batch is set)")
+    g.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="images per optimizer update over all processes, kept on any launch: --batch-size is then the "
+                        "most per process, and the per-process batch and --accum-steps are derived from the processes "
+                        "launched (a process count that cannot reach N is refused); None or 0 = --batch-size x "
+                        "processes x --accum-steps")
     g.add_argument("--first-layer-opt", default="same", choices=FIRST_LAYER_OPTIMIZERS,
                    help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
                         "on its own SGD with momentum while the rest keeps --opt (the paper's Fig. 9)")
@@ -396,6 +404,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
             refuse_special(Path(value).expanduser(), flag)
     validate_args(args)
     _check_model_sources(args, argv, known.config or run_args)
+    apply_global_batch(args, launched_processes(), accum_given="accum_steps" in command_line_keys(argv))
     if saved:
         check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
@@ -436,6 +445,32 @@ def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_ar
     if notes and os.environ.get("RANK", "0") == "0":
         print(f"note: resuming {run} with its args.yaml, changed: {'; '.join(notes)}" +
               (" (--resume-override: no longer the uninterrupted run)" if refused else ""))
+
+
+def apply_global_batch(args: argparse.Namespace, processes: int, accum_given: bool = False) -> None:
+    """With ``--global-batch N``: set ``batch_size`` and ``accum_steps`` to the layout that reaches N exactly on
+    ``processes`` (tract/global_batch.py); a layout that cannot, or a command-line ``--accum-steps`` that contradicts
+    it, is refused with the layouts that can."""
+    if not args.global_batch:
+        return
+    n = args.global_batch
+    layout = batch_layout(n, args.batch_size, processes)
+    if layout is None:
+        layouts = "; ".join(reachable_layouts(n, args.batch_size, processes))
+        raise ConfigError(f"--global-batch {n} cannot be split evenly over the {processes} processes launched: "
+                          f"launch a process count that divides it ({layouts}), "
+                          f"or pass --global-batch with a multiple of {processes} (e.g. {n - n % processes or processes} "
+                          f"or {n - n % processes + processes}), or --global-batch 0 to use --batch-size x processes x "
+                          "--accum-steps")
+    batch, steps = layout
+    if accum_given and steps != args.accum_steps:
+        raise ConfigError(f"--accum-steps {args.accum_steps} contradicts --global-batch {n}: over {processes} "
+                          f"process(es) it takes {batch} per process x {steps} step(s). Leave --accum-steps out (it is "
+                          f"derived), lower --batch-size to accumulate more, or pass --global-batch 0 to set it yourself")
+    if batch < args.batch_size and first_process_on_machine():
+        print(f"note: --global-batch {n} over {processes} process(es): {batch} images per process x {steps} step(s) "
+              f"(--batch-size {args.batch_size} is the most per process)")
+    args.batch_size, args.accum_steps = batch, steps
 
 
 def _command_line_values(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
@@ -550,6 +585,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.warmup_epochs >= args.epochs and first_process_on_machine():
         print(f"warning: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the "
               "learning rate never leaves its warmup", file=sys.stderr)
+    if args.global_batch is not None and args.global_batch < 0:
+        raise ConfigError(f"--global-batch must be > 0 (or 0 for none), got {args.global_batch}")
     if args.max_updates_per_epoch is not None and args.max_updates_per_epoch <= 0:
         raise ConfigError(f"--max-updates-per-epoch must be > 0, got {args.max_updates_per_epoch}")
     for key in ("checkpoint_interval_updates", "prefetch_factor"):
