@@ -197,7 +197,7 @@ def test_resume_gives_bitwise_the_weights_and_lr_sequence_of_an_uninterrupted_ru
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(tiny_run(tiny_imagefolder, straight, *recipe))
     train.main(tiny_run(tiny_imagefolder, resumed, *recipe, "--resume", str(straight / "checkpoints" / "epoch-0001")))
-    for name in ("model.safetensors", "model_ema.safetensors"):
+    for name in ("model.safetensors", "ema/model.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # per-update schedule: 6 updates per epoch; each epoch logs the lr of its last update

@@ -236,7 +236,7 @@ def test_kill_9_at_any_point_then_resume_gives_bitwise_the_run_its_log_and_its_b
     assert killed.returncode == -signal.SIGKILL
     run_script([*argv, "--resume", str(out)])
     assert same_weights(out / "model.safetensors", reference / "model.safetensors")
-    assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
+    assert same_weights(out / "ema" / "model.safetensors", reference / "ema" / "model.safetensors")
     assert record(out) == record(reference)
     best = max(log_lines(out), key=lambda line: line["test_acc1"])["epoch"]
     assert os.readlink(out / "checkpoints" / "best") == f"epoch-{best:04d}"
@@ -665,7 +665,7 @@ def test_a_run_stopped_mid_epoch_then_resumed_logs_the_uninterrupted_runs_lines(
     assert record(out) == record(reference)
     assert tensorboard_scalars(out, "train/loss") == tensorboard_scalars(reference, "train/loss")
     assert same_weights(out / "model.safetensors", reference / "model.safetensors")
-    assert same_weights(out / "model_ema.safetensors", reference / "model_ema.safetensors")
+    assert same_weights(out / "ema" / "model.safetensors", reference / "ema" / "model.safetensors")
 
 
 # ---- every file read from a run folder is bounded: a checkpoint beyond the bounds fails verification ---------------
