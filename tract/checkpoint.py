@@ -751,16 +751,17 @@ def _restore_cuda_rng(saved: List[torch.Tensor], device: torch.device, path: Pat
     log(f"warning: {message}; continuing with a fresh CUDA random state: the run is no longer exact")
 
 
-def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+def export_weights(state_dict: Dict[str, torch.Tensor], path: Path, run: Optional[Path] = None) -> None:
     """Write a plain state_dict as safetensors, atomically and never through a link (write_private); a failed write
-    (a full disk) leaves no partial file and is one message naming the file."""
+    (a full disk) leaves no partial file and is one message naming the file and the run to resume (``run``, else the
+    file's folder)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     try:
         write_private(path, lambda name: save_file(state_dict, str(name), metadata={"format": "pt"}))
     except Exception as e:
-        raise write_failed(path, e, path.parent) from None
+        raise write_failed(path, e, run or path.parent) from None
 
 
 def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],

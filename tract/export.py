@@ -66,7 +66,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, ema: bool = False) -> Path
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file: choose a folder to export into")
     out.mkdir(parents=True, exist_ok=True)
-    export_weights(state, out / "model.safetensors")
+    export_weights(state, out / "model.safetensors", run=run)
     if os.path.realpath(out / CONFIG) != os.path.realpath(config):
         write_atomic(out / CONFIG, read_bytes(config, MAX_JSON_BYTES))
     return out
