@@ -88,7 +88,8 @@ def main(argv=None, args=None) -> None:
                 raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
                                   f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
                                   "the run's --epochs and batch options, or from another checkpoint")
-            say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")
+            say(f"resumed from {checkpoint}: {state.epoch} epoch{'' if state.epoch == 1 else 's'} and "
+                f"{state.update_in_epoch} update{'' if state.update_in_epoch == 1 else 's'} done")
         if args.eval:
             stats = evaluate(model, val_loader, accelerator, channels_last=args.channels_last, progress=args.progress)
             say(f"eval on {len(data.val_set)} images: acc1 {stats['acc1']:.2f}%  acc5 {stats['acc5']:.2f}%  "

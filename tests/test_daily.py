@@ -78,7 +78,7 @@ def test_sigterm_mid_epoch_then_resume_by_folder_alone_is_bitwise_the_uninterrup
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, run, *TRACT_RUN))
     assert e.value.code == EXIT_REQUEUE
-    assert os.readlink(run / "checkpoints" / "last").startswith("epoch-0001-update-")
+    assert os.readlink(run / "checkpoints" / "last").startswith("epoch-0001-plus-")
     assert f"(resume with --resume {run}, e.g. python train.py --resume {run})" in capsys.readouterr().out
     monkeypatch.undo()
 
@@ -118,7 +118,7 @@ def test_ctrl_c_mid_epoch_checkpoints_exits_130_and_resume_is_bitwise_the_uninte
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, run, *TRACT_RUN))
     assert e.value.code == EXIT_INTERRUPTED
-    assert os.readlink(run / "checkpoints" / "last") == "epoch-0000-update-000003"
+    assert os.readlink(run / "checkpoints" / "last") == "epoch-0000-plus-000003-updates"
     assert "interrupted at update 3 of epoch 1" in capsys.readouterr().out
     monkeypatch.undo()
     train.main(["--resume", str(run)])

@@ -240,7 +240,7 @@ def test_preemption_checkpoints_mid_epoch_exits_75_and_resume_skips_what_was_see
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, preempted, *recipe))
     assert e.value.code == EXIT_REQUEUE
-    assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0000-update-000003"
+    assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0000-plus-000003-updates"
     assert not (preempted / "model.safetensors").exists()
     monkeypatch.setattr(tract.data, "build_dataset", build)
     train.main(tiny_run(tiny_imagefolder, preempted, *recipe, "--resume", str(preempted)))

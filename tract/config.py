@@ -120,7 +120,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
 
     g = p.add_argument_group("dataset")
     g.add_argument("--data-set", "--data_set", dest="data_set", default=None, choices=DATASETS,
-                   help="dataset; None = IMNET when --data-path is given (DeiT), else Fashion-MNIST (the demo)")
+                   help="dataset; None = FOLDER when --data-path is given (an ImageFolder, read as DeiT reads IMNET), "
+                        "else Fashion-MNIST (the demo)")
     g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
                    help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")

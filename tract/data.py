@@ -77,6 +77,8 @@ _LAYOUTS = {
     "CARS": CARS_LAYOUT,
 }
 _DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
+# The datasets whose files torchvision checks against the official release's MD5 checksums when it reads them
+_CHECKSUMMED = ("CIFAR10", "CIFAR100", "FLOWERS")
 
 
 def read_image(path: str):
@@ -327,8 +329,14 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
                         f"no images ({', '.join(datasets.folder.IMG_EXTENSIONS)})",
                         "add images to it, or remove that class folder from both train/ and val/") from None
         # The layout check passed, so torchvision refused the files' contents (checksum) or a download failed.
-        fix = ("delete the damaged files and fetch them again" + (" with --download" if name in _DOWNLOADABLE else ""))
-        raise _fail(name, root, f"torchvision could not read it ({type(e).__name__}: {e})", fix) from e
+        problem, fix = f"torchvision could not read it ({type(e).__name__}: {e})", "delete the damaged files and " \
+            "fetch them again" + (" with --download" if name in _DOWNLOADABLE else "")
+        if name in _CHECKSUMMED:
+            problem = (f"torchvision refused its files: it checks each one against the MD5 checksum of the official "
+                       f"release, so a damaged, partial, re-saved or subset copy is refused ({type(e).__name__}: {e})")
+            fix += (". For a subset or an edited copy, lay the images out as an image folder (ROOT/train/<class>/, "
+                    "ROOT/val/<class>/) and pass --data-set FOLDER, which checks no checksums")
+        raise _fail(name, root, problem, fix) from e
 
 
 def default_mean_std(in_chans: int = 3) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -634,7 +642,8 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
     from timm.data.loader import fast_collate
     from torch.utils.data import DataLoader, DistributedSampler
 
-    name = args.data_set or ("IMNET" if args.data_path else "FMNIST")
+    # DeiT reads --data-path alone as ImageNet; it is read the same way here, as the image folder it may not be ImageNet
+    name = args.data_set or ("FOLDER" if args.data_path else "FMNIST")
     mean, std = default_mean_std(args.in_chans)
     mean, std = args.mean or mean, args.std or std
     # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
