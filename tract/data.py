@@ -30,7 +30,7 @@ from tract.safe_files import special_kind
 
 __all__ = ["FMNIST_DEBIAN_ROOT", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
-           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data"]
+           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data", "eval_interpolation", "RANDOM_INTERPOLATIONS"]
 
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -79,6 +79,8 @@ _LAYOUTS = {
 _DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
 # The datasets whose files torchvision checks against the official release's MD5 checksums when it reads them
 _CHECKSUMMED = ("CIFAR10", "CIFAR100", "FLOWERS")
+# --train-interpolation random: timm's RandomResizedCropAndInterpolation draws one of these per image
+RANDOM_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def read_image(path: str):
@@ -364,7 +366,8 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     solarize(128), Gaussian blur radius U(0.1, 2), then ColorJitter) or the RandAugment string ``auto_augment``
     (timm drops colour jitter under RandAugment); normalise; random erasing with probability ``reprob``.
     Eval: Resize(int(input_size / eval_crop_ratio)) + CenterCrop(input_size) + normalise. ``mean``/``std`` have one
-    value per input channel (length 1 for ``in_chans=1``).
+    value per input channel (length 1 for ``in_chans=1``). ``interpolation='random'`` (DeiT's and timm's choice): each
+    training image resized with bilinear or bicubic at random, evaluation with bicubic (``eval_interpolation``).
 
     ``use_prefetcher`` (timm's meaning): the transform ends in a uint8 CHW tensor, without normalisation and random
     erasing, which ``DeviceLoader`` does on the device.
@@ -374,8 +377,9 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
 
     mean, std = tuple(mean), tuple(std)
     if not train:
-        return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio, interpolation=interpolation,
-                                mean=mean, std=std, use_prefetcher=use_prefetcher)
+        return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio,
+                                interpolation=eval_interpolation(interpolation), mean=mean, std=std,
+                                use_prefetcher=use_prefetcher)
     if three_augment and auto_augment:
         raise ValueError(f"three_augment replaces auto_augment={auto_augment!r}: pass one of them, not both")
     primary, secondary, final = create_transform(
@@ -386,12 +390,20 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     if simple_random_crop:
         from timm.data.transforms import str_to_interp_mode
 
+        modes = RANDOM_INTERPOLATIONS if interpolation == "random" else (interpolation,)
+        resize = transforms.RandomChoice([transforms.Resize(input_size, interpolation=str_to_interp_mode(mode))
+                                          for mode in modes])
         primary = transforms.Compose([
-            transforms.Resize(input_size, interpolation=str_to_interp_mode(interpolation)),
+            resize,
             transforms.RandomCrop(input_size, padding=4, padding_mode="reflect"),
             transforms.RandomHorizontalFlip(),
         ])
     return transforms.Compose(primary.transforms + secondary.transforms + final.transforms)
+
+
+def eval_interpolation(interpolation: str) -> str:
+    """The evaluation's resize interpolation for ``--train-interpolation``: the same, but bicubic for 'random' (DeiT)."""
+    return "bicubic" if interpolation == "random" else interpolation
 
 
 def _posterize(img, bits_to_keep: int, **kwargs):
@@ -599,7 +611,7 @@ class TrainData:
         """The eval preprocessing as timm's data config (what resolve_data_config(model=...) should give back)."""
         return {"input_size": (args.in_chans, args.input_size, args.input_size), "mean": tuple(self.mean),
                 "std": tuple(self.std), "crop_pct": args.eval_crop_ratio, "crop_mode": "center",
-                "interpolation": args.train_interpolation}
+                "interpolation": eval_interpolation(args.train_interpolation)}
 
     def describe_resize(self, input_size: int, eval_crop_ratio: float) -> str:
         """Whether the images are resized for the model (e.g. 64-px images to 28 px: the dry-run summary's line)."""
