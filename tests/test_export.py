@@ -47,8 +47,8 @@ def test_the_best_last_and_ema_exports_load_in_timm_with_the_accuracy_the_run_lo
         accuracy, loss, _ = timm_accuracy(folder, val)
         assert (accuracy, loss) == pytest.approx(logged(out, epoch, prefix), rel=1e-5), folder
     assert done == (f"done: the best weights (test_acc1 {logged(out, best)[0]:.2f}%, epoch {best}) in {out / 'best'}/; "
-                    f"the last epoch's (test_acc1 {logged(out, 3)[0]:.2f}%, epoch 3) in {out}/; their EMA (test_ema_acc1 "
-                    f"{logged(out, 3, 'test_ema')[0]:.2f}%, epoch 3) in {out / 'ema'}/. Each folder is a "
+                    f"the last epoch's (test_acc1 {logged(out, 3)[0]:.2f}%, epoch 3) in {out}/; their EMA "
+                    f"(test_ema_acc1 {logged(out, 3, 'test_ema')[0]:.2f}%, epoch 3) in {out / 'ema'}/. Each folder is a "
                     "model.safetensors with its config.json: timm.create_model(\"local-dir:FOLDER\", pretrained=True)")
 
 
@@ -80,7 +80,8 @@ def test_export_of_a_damaged_checkpoint_or_a_missing_ema_is_one_message(run, tmp
     (copy / "checkpoints" / "epoch-0001" / "model.safetensors").write_bytes(b"damaged")
     done = export(copy / "checkpoints" / "epoch-0001", tmp_path / "a")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("python -m tract.export: error: cannot export ") and "the manifest says" in done.stderr
+    assert done.stderr.startswith("python -m tract.export: error: cannot export ")
+    assert "the manifest says" in done.stderr
     # a checkpoint of a run without --model-ema: no ema.safetensors, and its manifest lists none
     manifest = copy / "checkpoints" / "epoch-0002" / "manifest.json"
     listing = json.loads(manifest.read_text())

@@ -460,14 +460,15 @@ def apply_global_batch(args: argparse.Namespace, processes: int, accum_given: bo
         layouts = "; ".join(reachable_layouts(n, args.batch_size, processes))
         raise ConfigError(f"--global-batch {n} cannot be split evenly over the {processes} processes launched: "
                           f"launch a process count that divides it ({layouts}), "
-                          f"or pass --global-batch with a multiple of {processes} (e.g. {n - n % processes or processes} "
-                          f"or {n - n % processes + processes}), or --global-batch 0 to use --batch-size x processes x "
-                          "--accum-steps")
+                          f"or pass --global-batch with a multiple of {processes} (e.g. "
+                          f"{n - n % processes or processes} or {n - n % processes + processes}), or --global-batch 0 "
+                          "to use --batch-size x processes x --accum-steps")
     batch, steps = layout
     if accum_given and steps != args.accum_steps:
         raise ConfigError(f"--accum-steps {args.accum_steps} contradicts --global-batch {n}: over {processes} "
                           f"process(es) it takes {batch} per process x {steps} step(s). Leave --accum-steps out (it is "
-                          f"derived), lower --batch-size to accumulate more, or pass --global-batch 0 to set it yourself")
+                          "derived), lower --batch-size to accumulate more, or pass --global-batch 0 to set it "
+                          "yourself")
     if batch < args.batch_size and first_process_on_machine():
         print(f"note: --global-batch {n} over {processes} process(es): {batch} images per process x {steps} step(s) "
               f"(--batch-size {args.batch_size} is the most per process)")

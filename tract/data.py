@@ -30,7 +30,8 @@ from tract.safe_files import special_kind
 
 __all__ = ["FMNIST_DEBIAN_ROOT", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
-           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data", "eval_interpolation", "RANDOM_INTERPOLATIONS"]
+           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data", "eval_interpolation",
+           "RANDOM_INTERPOLATIONS"]
 
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -402,7 +403,7 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
 
 
 def eval_interpolation(interpolation: str) -> str:
-    """The evaluation's resize interpolation for ``--train-interpolation``: the same, but bicubic for 'random' (DeiT)."""
+    """The evaluation's resize interpolation for ``--train-interpolation``: the same; bicubic for 'random' (DeiT)."""
     return "bicubic" if interpolation == "random" else interpolation
 
 

@@ -35,7 +35,8 @@ def reachable_layouts(global_batch: int, max_per_process: int, processes: int, c
     layouts = []
     for p in nearest:
         batch, steps = batch_layout(global_batch, max_per_process, p)
-        layouts.append(f"{p} process{'es' if p > 1 else ''}: {batch} per process x {steps} step{'s' if steps > 1 else ''}")
+        layouts.append(f"{p} process{'es' if p > 1 else ''}: {batch} per process x {steps} "
+                       f"step{'s' if steps > 1 else ''}")
     return layouts
 
 
