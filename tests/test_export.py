@@ -48,8 +48,9 @@ def test_the_best_last_and_ema_exports_load_in_timm_with_the_accuracy_the_run_lo
         assert (accuracy, loss) == pytest.approx(logged(out, epoch, prefix), rel=1e-5), folder
     assert done == (f"done: the best weights (test_acc1 {logged(out, best)[0]:.2f}%, epoch {best}) in {out / 'best'}/; "
                     f"the last epoch's (test_acc1 {logged(out, 3)[0]:.2f}%, epoch 3) in {out}/; their EMA "
-                    f"(test_ema_acc1 {logged(out, 3, 'test_ema')[0]:.2f}%, epoch 3) in {out / 'ema'}/. Each folder is a "
-                    "model.safetensors with its config.json: timm.create_model(\"local-dir:FOLDER\", pretrained=True)")
+                    f"(test_ema_acc1 {logged(out, 3, 'test_ema')[0]:.2f}%, epoch 3) in {out / 'ema'}/. Each folder "
+                    "is a model.safetensors with its config.json: timm.create_model(\"local-dir:FOLDER\", "
+                    "pretrained=True)")
 
 
 def export(*args, cwd=REPO):
