@@ -55,8 +55,6 @@ def test_the_launch_configs_cover_one_to_sixteen_processes():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_keeps_its_global_batch_under_every_launch_configs_process_count(config, monkeypatch):
     values = yaml.safe_load(config.read_text())
-    if "global_batch" not in values:
-        pytest.skip("the demo config sets no global batch")  # fmnist_vit.yaml: one process, its own batch
     for processes in launch_process_counts():
         monkeypatch.setenv("WORLD_SIZE", str(processes))
         args = parse_args(["-c", str(config)])
