@@ -16,22 +16,29 @@ same one, ``checkpoints/last`` is written with the position inside the epoch, an
 OUTPUT`` alone continues from there (the run's args.yaml is its base), skipping the batches already seen.
 """
 import sys
+
+from tract.config import parse_args
+from tract.errors import ConfigError, run_cli
+
+if __name__ == "__main__":  # the command line first: a bad one is told before torch and timm load (well under 1 s)
+    ARGS = run_cli(parse_args, "train.py", sys.argv[1:], prog="train.py")
+
+# What the run needs, imported once its command line has been read
 from functools import partial
 
 import torch
 from accelerate.utils import set_seed
 
 from tract.checkpoint import TrainState, export_timm_config, load_checkpoint, save_checkpoint, settle_resume
-from tract.config import inactive_tract_options, parse_args
+from tract.config import inactive_tract_options
 from tract.data import build_train_data
-from tract.errors import ConfigError
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, evaluate_and_log,
                           lr_warning, save_every, scaled_lr, train_one_epoch)
 from tract.export import CONFIG, describe_exports, export_run
 from tract.models import build_ema, build_model, count_parameters, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator
 
 
 def main(argv=None, args=None) -> None:
@@ -170,10 +177,10 @@ def main(argv=None, args=None) -> None:
             place.release()
 
 
-def cli(argv=None) -> None:
+def cli(argv=None, args=None) -> None:
     """Entry point: user errors end with one message and a non-zero status, not a traceback."""
-    run_cli(main, "train.py", argv)
+    run_cli(main, "train.py", argv, args=args)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(args=ARGS)

@@ -391,9 +391,9 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     if simple_random_crop:
         from timm.data.transforms import str_to_interp_mode
 
-        modes = RANDOM_INTERPOLATIONS if interpolation == "random" else (interpolation,)
-        resize = transforms.RandomChoice([transforms.Resize(input_size, interpolation=str_to_interp_mode(mode))
-                                          for mode in modes])
+        resizes = [transforms.Resize(input_size, interpolation=str_to_interp_mode(mode))
+                   for mode in (RANDOM_INTERPOLATIONS if interpolation == "random" else (interpolation,))]
+        resize = transforms.RandomChoice(resizes) if len(resizes) > 1 else resizes[0]
         primary = transforms.Compose([
             resize,
             transforms.RandomCrop(input_size, padding=4, padding_mode="reflect"),
@@ -680,6 +680,10 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
                                                in_chans=args.in_chans, split=args.train_split)
         val_set, _ = build_dataset(name, args.data_path, False, eval_tf, in_chans=args.in_chans,
                                    split=args.val_split)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise ConfigError(f"--num-classes {args.num_classes}, but {name} at {args.data_path or 'the default path'} has "
+                          f"{num_classes} classes, which the head always predicts: leave --num-classes out (or point "
+                          "--data-path at the dataset you meant)")
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.repeated_aug and world > 1:

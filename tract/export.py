@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 from safetensors.torch import load_file
 
 from tract.checkpoint import CheckpointError, export_weights, link_target, verify_checkpoint
-from tract.runtime import run_cli
+from tract.errors import run_cli
 from tract.safe_files import MAX_JSON_BYTES, read_bytes, write_atomic
 
 __all__ = ["CONFIG", "find_checkpoint", "export_checkpoint", "export_run", "describe_exports", "main"]
