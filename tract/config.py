@@ -58,8 +58,8 @@ RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind"
                "experiment")
 # timm's and DeiT's flags that have no same-meaning spelling here: an unrecognized one is answered with ours.
 OTHER_SPELLINGS = {
-    "--pretrained": "--finetune WEIGHTS (timm's --pretrained downloads the hub weights of --model; nothing is downloaded "
-                    "here: pass the weights file, e.g. a model.safetensors from huggingface.co/timm/MODEL)",
+    "--pretrained": "--finetune WEIGHTS (timm's --pretrained downloads the hub weights of --model; nothing is "
+                    "downloaded here: pass the weights file, e.g. a model.safetensors from huggingface.co/timm/MODEL)",
     "--clip-mode": "--clip-grad NORM (gradient norm clipping, timm's --clip-mode norm; value and agc are not offered)",
     "--dataset": "--data-set (DeiT's names: IMNET, CIFAR10, ... or FOLDER)", "-d": "--data-set",
     "--interpolation": "--train-interpolation (used for evaluation too)",
@@ -68,8 +68,8 @@ OTHER_SPELLINGS = {
     "--recovery-interval": "--checkpoint-interval-updates N",
     "--validation-batch-size": "nothing: evaluation batches are 1.5 x --batch-size (DeiT's)",
     "--device": "the launcher (accelerate launch, --cpu); see the README's Launching section",
-    "--local-rank": "nothing: accelerate launch starts the processes", "--local_rank": "nothing: accelerate launch "
-    "starts the processes",
+    "--local-rank": "nothing: accelerate launch starts the processes",
+    "--local_rank": "nothing: accelerate launch starts the processes",
     "--log-wandb": "nothing: TensorBoard events are in the run folder (tensorboard --logdir OUTPUT)",
     "--sync-bn": "nothing: the models here have no BatchNorm to synchronise, except ResNets (timm's BatchNorm, "
                  "per process)",
