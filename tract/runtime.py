@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
 
 import torch
