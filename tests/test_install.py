@@ -1,4 +1,4 @@
-"""The project as installed by scripts/env.sh: `import tract` and the README's snippets work from any directory, not
+"""The project as installed by scripts/env.sh: `import tract` and the snippets of the docs work from any directory, not
 only from the checkout (pytest itself runs from the checkout, so each check runs a fresh interpreter elsewhere)."""
 import os
 import subprocess
@@ -21,15 +21,16 @@ def test_env_sh_installs_the_project_so_tract_imports_from_any_directory(tmp_pat
     assert Path(out.stdout.strip()) == REPO / "tract" / "__init__.py"  # editable: the checkout's own code
 
 
-def readme_snippet(marker: str) -> str:
-    """The first ```python block of README.md after ``marker``."""
+def docs_snippet(page: str, marker: str) -> str:
+    """The first ```python block of a page of the docs after ``marker``."""
     import re
 
-    readme = (REPO / "README.md").read_text()
-    return re.search(r"```python\n(.*?)```", readme[readme.index(marker):], flags=re.S).group(1)
+    text = (REPO / page).read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(marker):], flags=re.S).group(1)
 
 
-def test_the_readme_inference_snippet_and_the_export_command_run_from_another_directory(tiny_imagefolder, tmp_path):
+def test_the_inference_snippet_and_the_export_command_of_the_docs_run_from_another_directory(tiny_imagefolder,
+                                                                                             tmp_path):
     import train
     from test_train import fresh_accelerate_state, tiny_run  # noqa: F401
 
@@ -44,7 +45,7 @@ def test_the_readme_inference_snippet_and_the_export_command_run_from_another_di
     exported = python_elsewhere(elsewhere, "-m", "tract.export", str(run / "checkpoints" / "epoch-0001"), "exported")
     assert exported.returncode == 0, exported.stderr[-2000:]
     image = next((tiny_imagefolder / "val" / "class_1").iterdir())
-    snippet = readme_snippet("Inference on one image:")
+    snippet = docs_snippet("docs/train.md", "Inference on one image:")
     assert '"local-dir:output/train/demo/best"' in snippet and '"image.png"' in snippet
     snippet = snippet.replace("output/train/demo/best", "exported").replace("image.png", str(image))
     out = python_elsewhere(elsewhere, "-c", snippet)

@@ -67,7 +67,7 @@ OTHER_SPELLINGS = {
     "--lr-base-size": "--lr (per 512 images, DeiT's rule)",
     "--recovery-interval": "--checkpoint-interval-updates N",
     "--validation-batch-size": "nothing: evaluation batches are 1.5 x --batch-size (DeiT's)",
-    "--device": "the launcher (accelerate launch, --cpu); see the README's Launching section",
+    "--device": "the launcher (accelerate launch, --cpu); see docs/launch.md",
     "--local-rank": "nothing: accelerate launch starts the processes",
     "--local_rank": "nothing: accelerate launch starts the processes",
     "--log-wandb": "nothing: TensorBoard events are in the run folder (tensorboard --logdir OUTPUT)",
@@ -76,7 +76,7 @@ OTHER_SPELLINGS = {
 }
 DESCRIPTION = ("Train a timm image model with DeiT III's recipe (timm + Accelerate), with TrAct on its first layer. "
                "Precedence: the defaults < -c YAML < the command line; a run's args.yaml is the base of --resume.")
-LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
+LAUNCH_HINT = "launching is Accelerate's job: see docs/launch.md (accelerate launch / launch/)"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -202,7 +202,7 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--prefetcher", action=bool_flag, default=None,
                    help="timm's PrefetchLoader for training: workers hand over uint8, the next batch is copied on a "
                         "side stream and normalised (random erasing too) on the device; None = on with CUDA, off on "
-                        "the CPU (measured slower there: README, Speed)")
+                        "the CPU (measured slower there: docs/library.md, Speed)")
     g.add_argument("--persistent-workers", action=bool_flag, default=True,
                    help="keep the loader workers alive between epochs (with --num-workers > 0)")
     g.add_argument("--prefetch-factor", type=int, default=None,

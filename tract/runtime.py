@@ -97,7 +97,7 @@ def _cpu_command() -> str:
     config = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu.yaml"
     if config.is_file() and config.is_relative_to(Path.cwd()):
         config = config.relative_to(Path.cwd())
-    elif not config.is_file():  # an installed tract: the repository's file, named as the README names it
+    elif not config.is_file():  # an installed tract: the repository's file, named as docs/launch.md names it
         config = Path("launch/accelerate/cpu.yaml")
     return shlex.join(["accelerate", "launch", "--config_file", str(config), *sys.argv])
 
@@ -118,8 +118,8 @@ def check_cuda() -> None:
             raise ConfigError(
                 f"this launch is configured for GPUs ({world} process(es), mixed precision {precision}), but torch "
                 f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds no usable GPU. Check `nvidia-smi`; "
-                f"with an older driver (or a V100) install torch's CUDA 12.6 build: {_INSTALL_LEGACY} (README, "
-                f"Installing for GPUs). To train on the CPU: {_cpu_command()}")
+                f"with an older driver (or a V100) install torch's CUDA 12.6 build: {_INSTALL_LEGACY} "
+                f"(docs/launch.md, Installing for GPUs). To train on the CPU: {_cpu_command()}")
         return
     arch_list = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
@@ -127,7 +127,8 @@ def check_cuda() -> None:
         if _has_kernels(capability, arch_list):
             continue
         name, sm = torch.cuda.get_device_name(index), f"sm_{capability[0]}{capability[1]}"
-        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (README, Installing for GPUs)"
+        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (docs/launch.md, Installing for "
+               "GPUs)"
                if capability < (7, 5) else
                f"install a torch build whose torch.cuda.get_arch_list() has {sm} (https://pytorch.org/get-started)")
         raise ConfigError(f"GPU {index}, {name} ({sm}), has no kernels in torch {torch.__version__}, which was built "
