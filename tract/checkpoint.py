@@ -49,7 +49,7 @@ from tract.weights import parse_safetensors
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
            "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "older_checkpoints", "load_checkpoint",
            "repair_links",
-           "settle_resume", "checkpoint_args", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
+           "settle_resume", "checkpoint_args", "checkpoint_weights", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
            "RUN_ARGS"]
 
 MANIFEST = "manifest.json"
@@ -493,6 +493,15 @@ def _read_listed(folder: Path, files: Dict[str, Dict[str, Any]], name: str) -> b
     if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
         raise UnsafeFileError(f"{path}: content differs from the manifest's SHA-256 (damaged or replaced)")
     return data
+
+
+def checkpoint_weights(folder: Path, name: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The tensors of a checkpoint's ``model.safetensors`` or ``ema.safetensors``, parsed from the bytes that match its
+    manifest (None when the manifest lists no such file): what an export writes."""
+    files = _listed_files(Path(folder))
+    if name not in files:
+        return None
+    return parse_safetensors(_read_listed(Path(folder), files, name), Path(folder) / name)
 
 
 def _unpickle(data: bytes, path: Path) -> Any:

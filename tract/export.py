@@ -10,18 +10,17 @@ with ``--model-ema``, the EMA of the last epoch into ``OUTPUT/ema/``. Each folde
     python -m tract.export RUN/checkpoints/last OUT --ema    # the EMA of the newest checkpoint
     python -m tract.export RUN OUT                            # the run's best
 
-A checkpoint is verified against its manifest first; nothing read runs code (safetensors and JSON only).
+The weights are read once, from the bytes that match the checkpoint's manifest; nothing read runs code (safetensors
+and JSON only), and nothing is written through a link.
 """
 import argparse
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from safetensors.torch import load_file
-
-from tract.checkpoint import CheckpointError, export_weights, link_target, verify_checkpoint
-from tract.errors import run_cli
-from tract.safe_files import MAX_JSON_BYTES, read_bytes, write_atomic
+from tract.checkpoint import CheckpointError, checkpoint_weights, export_weights, link_target, name_position
+from tract.errors import WeightsError, run_cli
+from tract.safe_files import MAX_JSON_BYTES, read_bytes, refuse_link, write_atomic
 
 __all__ = ["CONFIG", "find_checkpoint", "export_checkpoint", "export_run", "describe_exports", "main"]
 
@@ -29,26 +28,23 @@ CONFIG = "config.json"  # the run's timm config, written by train.py when traini
 
 
 def find_checkpoint(path: str) -> Path:
-    """The verified checkpoint folder ``path`` names: a checkpoint (``checkpoints/epoch-NNNN``, ``best``, ``last``),
-    or a run folder, which means its ``best``."""
+    """The checkpoint folder ``path`` names: a checkpoint (``checkpoints/epoch-NNNN``, ``best``, ``last``), or a run
+    folder, which means its ``best``."""
     p = Path(path).expanduser()
     if (p / "checkpoints").is_dir():
         if link_target(p / "checkpoints", "best") is None:
             raise CheckpointError(f"{p} has no best checkpoint yet (no epoch evaluated): name one of its checkpoints, "
                                   f"e.g. python -m tract.export {p / 'checkpoints' / 'last'} OUT")
         p = p / "checkpoints" / "best"
-    if not p.is_dir():
+    if not (p.is_dir() and name_position(p.resolve().name) is not None):
         raise CheckpointError(f"{path}: not a train.py run folder or checkpoint folder (RUN/checkpoints/epoch-NNNN, "
                               "RUN/checkpoints/best or RUN/checkpoints/last)")
-    problem = verify_checkpoint(p.resolve())
-    if problem is not None:
-        raise CheckpointError(f"cannot export {path}: {problem}")
     return p.resolve()
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, ema: bool = False) -> Path:
     """Write ``out/model.safetensors`` (the checkpoint's model, or its EMA) and ``out/config.json`` (its run's); returns
-    ``out``. ``checkpoint`` is a verified checkpoint folder inside its run's ``checkpoints/``."""
+    ``out``. ``checkpoint`` is a checkpoint folder inside its run's ``checkpoints/``."""
     checkpoint, out = Path(checkpoint), Path(out)
     run = checkpoint.parent.parent
     config = run / CONFIG
@@ -56,16 +52,19 @@ def export_checkpoint(checkpoint: Path, out: Path, *, ema: bool = False) -> Path
         raise CheckpointError(f"{run} has no {CONFIG}, which tells timm the architecture: train.py writes it when "
                               f"training starts (a run of an older train.py has one only once it ended). Finish the "
                               f"run, python train.py --resume {run}, then export")
-    weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
-    if not weights.is_file():
+    try:
+        state = checkpoint_weights(checkpoint, "ema.safetensors" if ema else "model.safetensors")
+    except (CheckpointError, WeightsError) as e:
+        raise CheckpointError(f"cannot export {checkpoint}: {e}") from None
+    if state is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run was trained without --model-ema): export "
                               "its model, without --ema")
-    state = load_file(weights, device="cpu")
     if ema:  # timm's ModelEmaV3 keeps the averaged model as its submodule `module`
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file: choose a folder to export into")
     out.mkdir(parents=True, exist_ok=True)
+    refuse_link(out, "Delete the link (or choose another folder), then export again")
     export_weights(state, out / "model.safetensors", run=run)
     if os.path.realpath(out / CONFIG) != os.path.realpath(config):
         write_atomic(out / CONFIG, read_bytes(config, MAX_JSON_BYTES))
