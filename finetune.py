@@ -13,21 +13,16 @@ head for a new class count (the class count is the dataset's).
 
 When WEIGHTS comes from a train.py run, that run's ``args.yaml`` supplies the model and TrAct settings, so the
 finetuned model is the pretrained one and TrAct pretraining is finetuned with TrAct, vanilla pretraining without (the
-paper's two columns). Precedence: train.py's defaults < FINETUNE_DEFAULTS < those run settings < ``-c`` YAML <
-command line, except that TrAct on/off, lambda and layer are the run's unless the COMMAND LINE says otherwise (a
-config cannot flip them; a command line that contradicts the run is named in one line). For weights from elsewhere
-(a ``.pth``) the config and flags decide, TrAct off by default. ``--resume RUN`` continues a finetune run as it was
-started: its whole ``args.yaml`` is the base, as for train.py.
+paper's two columns). PRECEDENCE (also in --help) is ours, then the fixed exceptions.
 """
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import train
-from tract.config import command_line_keys, find_run_args, parse_args
-from tract.errors import ConfigError
-from tract.runtime import run_cli
+from tract.config import DEIT3_MODELS, command_line_keys, find_run_args, parse_args
+from tract.errors import ConfigError, run_cli
 from tract.safe_files import read_yaml
 
 # DeiT III's finetune recipe (README command for ViT-B at 224 px; recipes.md section 4) without what depends on the
@@ -53,6 +48,21 @@ FINETUNE_DEFAULTS: Dict[str, Any] = {
 INHERITED = ("model", "model_kwargs", "in_chans", "patch_norm", "tract", "tract_lambda", "tract_layer")
 # Of those, the ones only the command line may change: a config written for both columns must not pick one.
 TRACT_KEYS = ("tract", "tract_lambda", "tract_layer")
+# Of those, what the weights' tensors are: a config or command line may not contradict them.
+ARCHITECTURE_KEYS = ("model", "model_kwargs", "in_chans", "patch_norm")
+PRECEDENCE = """\
+Finetune pretrained weights with DeiT III's finetuning recipe: train.py's options, other defaults, and --finetune.
+
+Precedence, highest first:
+  1. the command line
+  2. a -c YAML config
+  3. the pretraining run's args.yaml (when --finetune is a train.py run): its model, --model-kwargs, --in-chans,
+     --patch-norm and TrAct settings
+  4. DeiT III's finetuning recipe (finetune.py's FINETUNE_DEFAULTS), then train.py's defaults
+Two exceptions: TrAct on/off, lambda and layer are the run's unless the command line sets them (a config written for
+both of the paper's columns cannot pick one); and a config or command line whose architecture (--model,
+--model-kwargs, --in-chans, --patch-norm) is not the run's is refused, naming both. --resume RUN continues a finetune
+run as it was started, its own args.yaml the base."""
 
 
 def say(line: str) -> None:
@@ -84,20 +94,37 @@ def tract_summary(values: Any) -> str:
     return f"on, lambda {get('tract_lambda', 0.1)}" + (f", layer {layer}" if layer else "")
 
 
+def check_architecture(args: argparse.Namespace, inherited: Dict[str, Any], args_yaml: Path, given: set,
+                       config: Optional[str]) -> None:
+    """Refuse a config or command line whose architecture is not the one of the weights' run, naming both."""
+    for key in ARCHITECTURE_KEYS:
+        if key not in inherited:
+            continue
+        value, theirs = getattr(args, key), inherited[key]
+        if key == "model" and DEIT3_MODELS.get(value, value) == DEIT3_MODELS.get(theirs, theirs):
+            continue
+        if value != theirs:
+            flag = "--" + key.replace("_", "-")
+            where = ("the command line" if key in given else f"the config {config}") + f" sets {flag} {value}"
+            keep = "leave it out" if key in given else f"pass {flag} {theirs} (the command line wins over -c)"
+            raise ConfigError(f"{where}, but the weights {args.finetune} are a {flag} {theirs} (their run's "
+                              f"{args_yaml}): finetuning needs the weights' own architecture. Finetune a run of "
+                              f"{flag} {value} instead, or {keep}")
+
+
 def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """train.py's command line with the finetune defaults; a finetune run needs --finetune (or --resume of one)."""
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--finetune", default=None)
-    first.add_argument("--resume", default=None)
+    for flag in ("--finetune", "--resume", "--config"):
+        first.add_argument(flag, *(["-c"] if flag == "--config" else []), default=None)
     known, _ = first.parse_known_args(argv)
     source = known.finetune or known.resume  # the pretraining run, or the finetune run being continued
     inherited, args_yaml = run_defaults(source) if source else ({}, None)
-    args = parse_args(argv, defaults={**FINETUNE_DEFAULTS, **inherited}, prog="finetune.py")
-    if not (args.finetune or args.resume):
-        raise ConfigError("finetune.py needs --finetune WEIGHTS (a train.py run folder, an Accelerate checkpoint "
-                          "folder, or a .safetensors / .pth / .bin file), or --resume RUN to continue a finetune run; "
-                          "to train from scratch use train.py")
+    args = parse_args(argv, defaults={**FINETUNE_DEFAULTS, **inherited}, prog="finetune.py", description=PRECEDENCE,
+                      require_finetune=not known.resume)
     given = command_line_keys(argv)
+    if args_yaml is not None and not known.resume:
+        check_architecture(args, inherited, args_yaml, given, known.config)
     run_tract = {k: inherited[k] for k in TRACT_KEYS if k in inherited}
     for key, value in run_tract.items():
         if key not in given:
@@ -114,15 +141,23 @@ def parse_finetune_args(argv: Optional[Sequence[str]] = None) -> argparse.Namesp
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Parse with the finetune defaults, then train.py's run: build, load the weights, train, save."""
-    train.main(args=parse_finetune_args(argv))
+if __name__ == "__main__":  # the command line first: a bad one is told before torch and timm load (well under 1 s)
+    ARGS = run_cli(parse_finetune_args, "finetune.py", sys.argv[1:])
+
+# train.py's run, imported once the command line has been read
+import train
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> None:
+    """Parse with the finetune defaults (or take ``args``), then train.py's run: build, load the weights, train,
+    save."""
+    train.main(args=args if args is not None else parse_finetune_args(argv))
+
+
+def cli(argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> None:
     """Entry point: user errors end with one message and a non-zero status, not a traceback."""
-    run_cli(main, "finetune.py", argv)
+    run_cli(main, "finetune.py", argv, args=args)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(args=ARGS)

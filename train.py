@@ -5,8 +5,10 @@
     accelerate launch --config_file launch/accelerate/a40x4.yaml train.py -c configs/deit3_vit_s_400ep.yaml --data-path ...
 
 The run folder (``--output-dir``) gets ``args.yaml`` (``-c`` takes it back), ``log.txt`` (one JSON line per epoch),
-TensorBoard events, ``checkpoints/`` (``last``, ``best``; Accelerate save_state) and, at the end,
-``model.safetensors``: the trained model's plain state_dict, with the keys of the vanilla timm model.
+TensorBoard events, ``checkpoints/`` (``last``, ``best``; Accelerate save_state), ``config.json`` (timm's, written at
+the start) and, at the end, the exports that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads: the last
+epoch's ``model.safetensors`` (the vanilla timm model's keys) in the run folder, the best weights in ``best/``, the
+EMA's in ``ema/`` (``python -m tract.export`` exports any other checkpoint).
 
 Preemption: on SIGUSR1 or SIGTERM every process finishes its current optimizer update, all agree to stop after the
 same one, ``checkpoints/last`` is written with the position inside the epoch, and train.py exits with status 75
@@ -14,22 +16,29 @@ same one, ``checkpoints/last`` is written with the position inside the epoch, an
 OUTPUT`` alone continues from there (the run's args.yaml is its base), skipping the batches already seen.
 """
 import sys
+
+from tract.config import parse_args
+from tract.errors import ConfigError, run_cli
+
+if __name__ == "__main__":  # the command line first: a bad one is told before torch and timm load (well under 1 s)
+    ARGS = run_cli(parse_args, "train.py", sys.argv[1:], prog="train.py")
+
+# What the run needs, imported once its command line has been read
 from functools import partial
 
 import torch
 from accelerate.utils import set_seed
 
-from tract.checkpoint import (TrainState, export_timm_config, export_weights, load_checkpoint, save_checkpoint,
-                              settle_resume)
-from tract.config import inactive_tract_options, parse_args
+from tract.checkpoint import TrainState, export_timm_config, load_checkpoint, save_checkpoint, settle_resume
+from tract.config import inactive_tract_options
 from tract.data import build_train_data
-from tract.errors import ConfigError
 from tract.engine import (build_criterion, build_mixup, build_optimizer, build_scheduler, evaluate, evaluate_and_log,
                           lr_warning, save_every, scaled_lr, train_one_epoch)
-from tract.models import build_ema, build_model, count_parameters, plain_state_dict, resolve_model_name
+from tract.export import CONFIG, describe_exports, export_run
+from tract.models import build_ema, build_model, count_parameters, resolve_model_name
 from tract.run_folder import place_run
 from tract.run_log import RunLog, run_summary
-from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator, run_cli
+from tract.runtime import EXIT_INTERRUPTED, Preemption, StartUpStopped, build_accelerator
 
 
 def main(argv=None, args=None) -> None:
@@ -86,13 +95,18 @@ def main(argv=None, args=None) -> None:
                 raise ConfigError(f"{checkpoint} is at update {state.update_in_epoch} of epoch {state.epoch}, beyond "
                                   f"this run's {args.epochs} epochs of {data.updates_per_epoch} updates: resume with "
                                   "the run's --epochs and batch options, or from another checkpoint")
-            say(f"resumed from {checkpoint}: {state.epoch} epochs and {state.update_in_epoch} updates done")
+            say(f"resumed from {checkpoint}: {state.epoch} epoch{'' if state.epoch == 1 else 's'} and "
+                f"{state.update_in_epoch} update{'' if state.update_in_epoch == 1 else 's'} done")
         if args.eval:
             stats = evaluate(model, val_loader, accelerator, channels_last=args.channels_last, progress=args.progress)
             say(f"eval on {len(data.val_set)} images: acc1 {stats['acc1']:.2f}%  acc5 {stats['acc5']:.2f}%  "
                 f"loss {stats['loss']:.4f}")
             return
 
+        if accelerator.is_main_process:  # what the exports of its checkpoints load with (tract/export.py)
+            export_timm_config(accelerator.unwrap_model(model), output_dir / CONFIG,
+                               architecture=resolve_model_name(args.model)[0], label_names=data.class_names,
+                               data_config=data.timm_data_config(args))
         resumed = checkpoint is not None or place.continues
         run_log = RunLog(output_dir, enabled=accelerator.is_main_process, resume_epoch=state.epoch if resumed else None,
                          resume_step=state.num_updates, hparams=vars(args))
@@ -142,17 +156,10 @@ def main(argv=None, args=None) -> None:
         finally:
             run_log.close()
 
-        # ---- save
+        # ---- save: the last, best and EMA weights, each in a folder timm.create_model("local-dir:...") loads
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # what timm.create_model("local-dir:OUTPUT", pretrained=True) loads
-            export_weights(plain_state_dict(accelerator.unwrap_model(model)), output_dir / "model.safetensors")
-            export_timm_config(accelerator.unwrap_model(model), output_dir / "config.json",
-                               architecture=resolve_model_name(args.model)[0], label_names=data.class_names,
-                               data_config=data.timm_data_config(args))
-            if ema is not None:
-                export_weights(plain_state_dict(ema.module), output_dir / "model_ema.safetensors")
-        say(f"done: best test_acc1 {state.best_acc1:.2f}% (epoch {state.best_epoch + 1}, checkpoints/best); "
-            f"weights in {output_dir / 'model.safetensors'}")
+        if accelerator.is_main_process:
+            say(describe_exports(export_run(output_dir, ema=ema is not None), run_log.records))
         accelerator.end_training()
     except StartUpStopped:  # signalled before the first update, however far the start-up got: nothing to save
         if place is not None:
@@ -170,10 +177,10 @@ def main(argv=None, args=None) -> None:
             place.release()
 
 
-def cli(argv=None) -> None:
+def cli(argv=None, args=None) -> None:
     """Entry point: user errors end with one message and a non-zero status, not a traceback."""
-    run_cli(main, "train.py", argv)
+    run_cli(main, "train.py", argv, args=args)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(args=ARGS)

@@ -41,20 +41,6 @@ gpus_per_node() {
     || launch_die "cannot read num_processes / num_machines from $1: pass the GPUs per machine explicitly"
 }
 
-# batch_layout GLOBAL MAX_PER_GPU PROCESSES: set PER_GPU_BATCH and ACCUM_STEPS so that
-# GLOBAL = PER_GPU_BATCH x PROCESSES x ACCUM_STEPS with PER_GPU_BATCH <= MAX_PER_GPU and as few steps as possible.
-batch_layout() {
-  local global=$1 max=$2 procs=$3 per_proc
-  ((global % procs == 0)) || launch_die "a global batch of $global cannot be split evenly over $procs processes:" \
-    "use a node count whose GPU total divides it, or set GLOBAL_BATCH"
-  per_proc=$((global / procs))
-  ACCUM_STEPS=$(((per_proc + max - 1) / max))
-  while ((per_proc % ACCUM_STEPS)); do
-    ACCUM_STEPS=$((ACCUM_STEPS + 1))
-  done
-  PER_GPU_BATCH=$((per_proc / ACCUM_STEPS))
-}
-
 # holds_run RUN_DIR: whether train.py started a run there (its args.yaml, or a complete checkpoint; incomplete ones
 # are .tmp-*). `--resume RUN_DIR` continues such a run from its newest intact checkpoint, or from the start if it
 # has none yet, with the run's args.yaml as its base: a requeue needs no -c (the config and flags it repeats are the
@@ -73,10 +59,11 @@ on_warning() {
   fi
 }
 
-# slurm_run SCRIPT ARGS...: run SCRIPT (train.py / finetune.py) on every node of this SLURM job with the recipe's
-# global batch, in the run folder named after the job, resuming it when it holds a run; on the time-limit
-# warning (sbatch --signal=B:USR1@SECONDS) the workers checkpoint and the job is requeued.
-# Reads: ACCELERATE_CONFIG, GPUS_PER_NODE, GLOBAL_BATCH, MAX_BATCH_PER_GPU, RUN_DIR, WEIGHTS (finetune.py only).
+# slurm_run SCRIPT ARGS...: run SCRIPT (train.py / finetune.py) on every node of this SLURM job, in the run folder
+# named after the job, resuming it when it holds a run; on the time-limit warning (sbatch --signal=B:USR1@SECONDS)
+# the workers checkpoint and the job is requeued. The global batch is the config's --global-batch, which the script
+# itself keeps on any node count (the per-GPU batch and accumulation steps derived from the processes it has).
+# Reads: ACCELERATE_CONFIG, GPUS_PER_NODE, RUN_DIR, WEIGHTS (finetune.py only).
 slurm_run() {
   local script=$1 nnodes=${SLURM_NNODES:?slurm_run runs inside a SLURM job (sbatch)} hosts head_node port procs status
   shift
@@ -84,7 +71,6 @@ slurm_run() {
   head_node=${hosts[0]:?no hosts in SLURM_JOB_NODELIST}
   port=${MAIN_PORT:-$((15000 + SLURM_JOB_ID % 20000))} # from the job id: two jobs sharing a head node do not collide
   procs=$((nnodes * GPUS_PER_NODE))
-  batch_layout "$GLOBAL_BATCH" "$MAX_BATCH_PER_GPU" "$procs"
 
   local start=(--output-dir "$RUN_DIR")
   if holds_run "$RUN_DIR"; then
@@ -93,7 +79,7 @@ slurm_run() {
     start+=(--finetune "$WEIGHTS")
   fi
   echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $GPUS_PER_NODE GPUs," \
-    "head $head_node:$port; global batch $GLOBAL_BATCH = $PER_GPU_BATCH x $procs x $ACCUM_STEPS; ${start[*]}"
+    "head $head_node:$port; $procs processes share the config's global batch; ${start[*]}"
 
   PREEMPTED=0
   trap on_warning USR1
@@ -104,7 +90,7 @@ slurm_run() {
     bash -c 'source "$0" && node_launch "$SLURM_NODEID" "$@"' "$LAUNCH_DIR/common.sh" \
     --config_file "$ACCELERATE_CONFIG" --num_machines "$nnodes" --num_processes "$procs" \
     --main_process_ip "$head_node" --main_process_port "$port" \
-    "$script" --batch-size "$PER_GPU_BATCH" --accum-steps "$ACCUM_STEPS" "${start[@]}" "$@" &
+    "$script" "${start[@]}" "$@" &
   local srun_pid=$!
   # A trapped signal interrupts `wait` (status 138); wait until srun has ended, then ask bash for srun's own status.
   while kill -0 "$srun_pid" 2>/dev/null; do

@@ -2,12 +2,12 @@
 # Multi-node training without SLURM: run this on every machine with the same arguments, plus each machine's rank
 # (--machine-rank) or one shared hostfile (--hostfile: a machine's rank is the line of its host name or address).
 #
-#   # 2 machines of 4 x A40 listed in hosts.txt; global batch 256 x 8 x 1 = 2048
+#   # 2 machines of 4 x A40 listed in hosts.txt; the config's global batch 2048 = 256 x 8 x 1 (train.py derives it)
 #   launch/multinode.sh --config launch/accelerate/a40x4_multinode.yaml --hostfile hosts.txt \
-#       train.py -c configs/deit3_vit_s_400ep.yaml --data-path /data/imagenet --accum-steps 1
-#   # 2 machines of 8 x V100, this one the main one (10.0.0.1); global batch 128 x 16 x 1 = 2048
+#       train.py -c configs/deit3_vit_s_400ep.yaml --data-path /data/imagenet
+#   # 2 machines of 8 x V100, this one the main one (10.0.0.1); global batch 2048 = 128 x 16 x 1
 #   launch/multinode.sh --config launch/accelerate/v100x8_multinode.yaml --nnodes 2 --machine-rank 0 \
-#       --main-ip 10.0.0.1 train.py -c configs/deit3_vit_b_400ep_192.yaml --data-path /data/imagenet --batch-size 128
+#       --main-ip 10.0.0.1 train.py -c configs/deit3_vit_b_400ep_192.yaml --data-path /data/imagenet
 #
 # Options (environment variable in brackets; a hostfile supplies the node count and, from its first line, the main IP):
 #   --config FILE         Accelerate config of one machine's GPUs (required)

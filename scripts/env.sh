@@ -2,8 +2,10 @@
 # Runs a command inside the project's environment, creating it first when it is missing or stale:
 #   bash scripts/env.sh python train.py
 #   bash scripts/env.sh python -m pytest
-# The environment is .venv (from requirements.txt) plus two Debian packages: dataset-fashion-mnist
-# (the data `python train.py` trains on by default) and shellcheck (the launch-script tests).
+# The environment is .venv (from requirements.txt, and this project installed into it in editable mode, so that
+# `import tract` and `python -m tract.export` work from any directory and follow the checkout's code) plus two Debian
+# packages: dataset-fashion-mnist (the data `python train.py` trains on by default) and shellcheck (the launch-script
+# tests).
 #
 # TORCH_INDEX_URL: install torch and torchvision from one of torch's own wheel indexes. torch's PyPI wheel is a CUDA 13
 # build with kernels from sm_75 (Turing) on that needs a recent driver; V100s (sm_70) and older drivers need the
@@ -32,8 +34,8 @@ if [ ${#missing_debs[@]} -gt 0 ]; then
 fi
 
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
-want=$({ cat requirements.txt pyproject.toml; [ -z "$TORCH_INDEX_URL" ] || echo "$TORCH_INDEX_URL"; } | sha256sum \
-  | cut -d' ' -f1)
+want=$({ cat requirements.txt pyproject.toml scripts/env.sh; [ -z "$TORCH_INDEX_URL" ] || echo "$TORCH_INDEX_URL"; } \
+  | sha256sum | cut -d' ' -f1)
 if [ ! -x $VENV/bin/python ] || [ "$(cat $STAMP 2>/dev/null)" != "$want" ]; then
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || { echo "env.sh: Python >= 3.10 is needed, $PYTHON is $("$PYTHON" --version)" >&2; exit 1; }
@@ -44,6 +46,7 @@ if [ ! -x $VENV/bin/python ] || [ "$(cat $STAMP 2>/dev/null)" != "$want" ]; then
     $VENV/bin/python -m pip install -q --disable-pip-version-check --index-url "$TORCH_INDEX_URL" torch torchvision
   fi
   $VENV/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  $VENV/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
   echo "$want" > $STAMP
 fi
 

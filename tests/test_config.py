@@ -93,7 +93,7 @@ def test_submitit_flags_point_to_accelerate(flag, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args([flag, "2"])
     err = capsys.readouterr().err
-    assert e.value.code != 0 and f"{flag} is DeiT's" in err and "Accelerate" in err and "Launching section" in err
+    assert e.value.code != 0 and f"{flag} is DeiT's" in err and "Accelerate" in err and "docs/launch.md" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -78,7 +78,7 @@ def test_sigterm_mid_epoch_then_resume_by_folder_alone_is_bitwise_the_uninterrup
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, run, *TRACT_RUN))
     assert e.value.code == EXIT_REQUEUE
-    assert os.readlink(run / "checkpoints" / "last").startswith("epoch-0001-update-")
+    assert os.readlink(run / "checkpoints" / "last").startswith("epoch-0001-plus-")
     assert f"(resume with --resume {run}, e.g. python train.py --resume {run})" in capsys.readouterr().out
     monkeypatch.undo()
 
@@ -118,7 +118,7 @@ def test_ctrl_c_mid_epoch_checkpoints_exits_130_and_resume_is_bitwise_the_uninte
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, run, *TRACT_RUN))
     assert e.value.code == EXIT_INTERRUPTED
-    assert os.readlink(run / "checkpoints" / "last") == "epoch-0000-update-000003"
+    assert os.readlink(run / "checkpoints" / "last") == "epoch-0000-plus-000003-updates"
     assert "interrupted at update 3 of epoch 1" in capsys.readouterr().out
     monkeypatch.undo()
     train.main(["--resume", str(run)])
@@ -251,7 +251,7 @@ def test_an_lr_scaled_to_at_or_below_min_lr_or_warmup_lr_is_warned_in_the_dry_ru
     train.main(tiny_run(tiny_imagefolder, "unused", "--lr", "1e-5", "--no-unscale-lr", "--batch-size", "16",
                         "--min-lr", "1e-6", "--dry-run"))
     out = capsys.readouterr().out
-    assert "  lr: 3.125e-07 (--lr 1e-05 x global batch 16 / 512); WARNING: the peak lr 3.13e-07" in out
+    assert "  lr: 3.125e-07 (--lr 1e-05 per 512 images x global batch 16 / 512); WARNING: the peak lr 3.13e-07" in out
     assert "warning: the peak lr 3.13e-07 (--lr 1e-05 scaled by global batch / 512) is below --min-lr 1e-06, so the " \
         "cosine schedule rises instead of decaying: raise --lr (or lower --min-lr / --warmup-lr)" in out
     train.main(tiny_run(tiny_imagefolder, "unused", "--warmup-epochs", "1", "--epochs", "2", "--warmup-lr", "2e-3",

@@ -209,7 +209,7 @@ def test_cifar_root_pointing_inside_the_dataset_folder_suggests_the_parent(tmp_p
 def test_cifar_files_failing_torchvisions_checksum_are_a_dataset_error(tmp_path):
     datagen.write_cifar(tmp_path, n_train=5, n_test=2)  # not the real files: their md5 differs
     check_dataset("CIFAR10", str(tmp_path))
-    with pytest.raises(DatasetError, match="CIFAR10.*torchvision could not read it"):
+    with pytest.raises(DatasetError, match="CIFAR10.*torchvision refused its files"):
         build_dataset("CIFAR10", str(tmp_path), True)
 
 

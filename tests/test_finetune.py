@@ -92,11 +92,60 @@ def test_eval_with_finetune_weights_reports_the_pretrained_models_accuracy(pretr
     assert float(found[3]) == pytest.approx(F.cross_entropy(logits, labels).item(), abs=1e-4)
 
 
-def test_finetune_without_weights_is_refused_before_anything_runs(tiny_imagefolder, tmp_path):
-    with pytest.raises(SystemExit, match="finetune.py needs --finetune WEIGHTS"):
+def test_finetune_without_weights_is_refused_before_anything_runs(tiny_imagefolder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         finetune.cli(["--data-set", "FOLDER", "--data-path", str(tiny_imagefolder),
                       "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "finetune.py: error: the following arguments are required: --finetune" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_help_states_the_precedence_and_shows_finetune_as_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_finetune_args(["--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    usage = shown[:shown.index("\n\n")]
+    assert " --finetune WEIGHTS" in usage and "[--finetune WEIGHTS]" not in usage  # required, not optional
+    assert "Finetune pretrained weights with DeiT III's finetuning recipe" in shown
+    precedence = shown[shown.index("Precedence, highest first:"):]
+    assert precedence.index("1. the command line") < precedence.index("2. a -c YAML config") < precedence.index(
+        "3. the pretraining run's args.yaml")
+    with pytest.raises(SystemExit):
+        train.cli(["--help"])
+    assert "[--finetune WEIGHTS]" in capsys.readouterr().out  # optional for train.py
+
+
+def test_a_config_whose_model_contradicts_the_runs_weights_is_one_message_naming_both(pretrained, tiny_imagefolder,
+                                                                                     tmp_path):
+    config = tmp_path / "vit_b.yaml"
+    config.write_text("model: deit_base_patch16_LS\n")
+    argv = ["--finetune", str(pretrained), "--data-set", "FOLDER", "--data-path", str(tiny_imagefolder), "--dry-run",
+            *SMALL_RUN]
+    with pytest.raises(finetune.ConfigError) as e:
+        finetune.main(["-c", str(config), *argv])
+    assert str(e.value).startswith(f"the config {config} sets --model deit_base_patch16_LS, but the weights "
+                                   f"{pretrained} are a --model deit3_small_patch16_224 (their run's "
+                                   f"{pretrained / 'args.yaml'})")
+    assert "pass --model deit3_small_patch16_224 (the command line wins over -c)" in str(e.value)
+    with pytest.raises(finetune.ConfigError, match="the command line sets --in-chans 1, but the weights .* are a "
+                                                   "--in-chans 3 .* or leave it out"):
+        finetune.main([*argv, "--in-chans", "1"])
+    finetune.main(["-c", str(config), *argv, "--model", "deit_small_patch16_LS"])  # DeiT III's name of the run's
+
+
+def test_weights_of_another_architecture_from_a_file_are_one_weights_error_not_a_traceback(tiny_imagefolder, tmp_path):
+    from tract.errors import WeightsError
+
+    # a ViT of width 96 with a class token, as a file (no run's args.yaml tells its architecture): timm's converter
+    # used to fail inside resample_abs_pos_embed with a traceback
+    weights = zero_weights(tmp_path / "weights.safetensors", "vit_pico_patch7_28")
+    with pytest.raises(WeightsError, match=r"the weights are not this model's architecture \(VisionTransformer, "
+                                           r"embed_dim 384; the weights have pos_embed \(1, 17, 96\)"):
+        finetune.main(["--finetune", str(weights), "--model", "deit_small_patch16_LS",
+                       "--input-size", "32", "--data-set", "FOLDER", "--data-path", str(tiny_imagefolder),
+                       "--dry-run", *SMALL_RUN])
 
 
 # ---- every config, dry run: resolved values and weight adaptation, on tiny data in each dataset's real format -------
@@ -121,15 +170,18 @@ def vit_s_224(tmp_path_factory) -> Path:
     return zero_weights(tmp_path_factory.mktemp("vit_s") / "model.safetensors", "deit3_small_patch16_224")
 
 
-# config -> (writer of a dataset root with enough training images for one batch, class count, pretrained weights)
+# config -> (writer of a dataset root with enough training images for one update of the config's global batch on one
+# process, class count, pretrained weights)
 DRY_RUNS = {
-    "deit3_vit_b_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_b_192"),
-    "deit3_vit_s_ft224": (lambda root: write_image_folder(root, train_per_class=22, val_per_class=1), 3, "vit_s_224"),
-    "transfer_cifar10": (lambda root: datagen.write_cifar(root, 10, n_train=96, n_test=2), 10, "vit_s_224"),
-    "transfer_cifar100": (lambda root: datagen.write_cifar(root, 100, n_train=96, n_test=2), 100, "vit_s_224"),
-    "transfer_flowers": (lambda root: datagen.write_flowers(root, n_train=48, n_val=48, n_test=2, size=(16, 16)), 102,
+    "deit3_vit_b_ft224": (lambda root: write_image_folder(root, train_per_class=171, val_per_class=1, size=8), 3,
+                          "vit_b_192"),
+    "deit3_vit_s_ft224": (lambda root: write_image_folder(root, train_per_class=171, val_per_class=1, size=8), 3,
+                          "vit_s_224"),
+    "transfer_cifar10": (lambda root: datagen.write_cifar(root, 10, n_train=768, n_test=2), 10, "vit_s_224"),
+    "transfer_cifar100": (lambda root: datagen.write_cifar(root, 100, n_train=768, n_test=2), 100, "vit_s_224"),
+    "transfer_flowers": (lambda root: datagen.write_flowers(root, n_train=384, n_val=384, n_test=2, size=(8, 8)), 102,
                          "vit_s_224"),
-    "transfer_cars": (lambda root: datagen.write_cars(root, n_train=96, n_test=2, size=(16, 16)), 196, "vit_s_224"),
+    "transfer_cars": (lambda root: datagen.write_cars(root, n_train=768, n_test=2, size=(8, 8)), 196, "vit_s_224"),
 }
 
 
@@ -148,12 +200,12 @@ def test_config_dry_run_resolves_the_recipe_and_adapts_the_pretrained_weights(co
 
     cfg = yaml.safe_load(path.read_text())
     width = 768 if "vit_b" in config else 384
-    expected = {"classes": num_classes, "epochs": cfg["epochs"], "global batch": cfg["batch_size"],
-                "lr": f"{cfg['lr'] * cfg['batch_size'] / 512:.6g}",  # one process: DeiT's linear scaling to the batch
+    expected = {"classes": num_classes, "epochs": cfg["epochs"], "global batch": cfg["global_batch"],
+                "lr": f"{cfg['lr'] * cfg['global_batch'] / 512:.6g}",  # DeiT's linear scaling to the global batch
                 "optimizer": "AdamW, eps 1e-08",  # DeiT main.py's --opt-eps
                 "tract": "off"}  # the weights are not a train.py run and the config does not set TrAct
     for key, value in expected.items():
-        assert f"  {key}: {value}" + (" (--lr" if key == "lr" else "\n") in printed, key
+        assert f"  {key}: {value}" + {"lr": " (--lr", "global batch": " = "}.get(key, "\n") in printed, key
     assert "finetune.py: TrAct off: from the config and command line (the weights are not a train.py run" in printed
     assert (f"weights have head.bias (1000,), head.weight (1000, {width}); "
             f"model has head.bias ({num_classes},)") in printed

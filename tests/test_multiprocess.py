@@ -129,8 +129,8 @@ def test_two_processes_train_exactly_as_one_with_the_same_global_batch_and_write
     run_dir = tmp_path / "run"
     names = sorted(p.name for p in run_dir.iterdir())
     assert [n for n in names if not n.startswith("events.out.tfevents")] == [
-        "args.yaml", "checkpoints", "config.json", "log.txt", "model.safetensors", "run.lock", "summary.csv"]
-    assert len(names) == 8
+        "args.yaml", "best", "checkpoints", "config.json", "log.txt", "model.safetensors", "run.lock", "summary.csv"]
+    assert len(names) == 9
     assert len((run_dir / "log.txt").read_text().splitlines()) == EPOCHS
     # both processes' RNG states in the one checkpoint, so a resumed 2-process run restores each of them
     assert sorted(p.name for p in (run_dir / "checkpoints" / "last").glob("random_states_*")) == [

@@ -168,16 +168,16 @@ def test_compiled_channels_last_device_path_run_keeps_plain_keys_and_resumes_bit
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(tiny_run(tiny_imagefolder, straight, *recipe))
     checkpoints = sorted(p.name for p in (straight / "checkpoints").iterdir())
-    assert checkpoints == ["best", "epoch-0000-update-000004", "epoch-0001", "epoch-0001-update-000002",
+    assert checkpoints == ["best", "epoch-0000-plus-000004-updates", "epoch-0001", "epoch-0001-plus-000002-updates",
                            "epoch-0002", "last"]
     assert "test_acc1" not in log_lines(straight)[0] and "test_acc1" in log_lines(straight)[1]
     train.main(tiny_run(tiny_imagefolder, resumed, *recipe, "--resume",
-                        str(straight / "checkpoints" / "epoch-0000-update-000004")))
+                        str(straight / "checkpoints" / "epoch-0000-plus-000004-updates")))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert set(a) == set(timm.create_model("vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=1,
                                            num_heads=2, img_size=32, num_classes=3).state_dict())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    saved = load_file(straight / "checkpoints" / "epoch-0000-update-000004" / "model.safetensors")
+    saved = load_file(straight / "checkpoints" / "epoch-0000-plus-000004-updates" / "model.safetensors")
     assert not [k for k in saved if "_orig_mod" in k or k.startswith("module.")]
 
 

@@ -133,8 +133,8 @@ PAPER_RUNS = [
 
 
 @pytest.mark.parametrize("config, gpus, lam, lr, params", PAPER_RUNS)
-def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_path, capsys, config, gpus, lam, lr,
-                                                                            params):
+def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_path, capsys, monkeypatch, config, gpus,
+                                                                            lam, lr, params):
     out = tmp_path / "never"
     # Fashion-MNIST (10 classes) stands in for ImageNet: big enough for a full update of 256 x 2 images
     train.main(["-c", str(ROOT / "configs" / config), "--data-set", "FMNIST", "--output-dir", str(out),
@@ -142,11 +142,14 @@ def test_dry_run_of_each_paper_config_prints_the_recipe_and_writes_nothing(tmp_p
     printed = dict(re.findall(r"^  ([a-z -]+): (.*)$", capsys.readouterr().out, flags=re.M))
     assert int(printed["parameters"]) == params
     batch, accum = int(printed["per-process batch"]), int(printed["accumulation steps"])
-    assert batch * accum * gpus == 2048
-    assert int(printed["global batch"]) == batch * accum * int(printed["processes"])
+    assert batch * accum * int(printed["processes"]) == 2048  # --global-batch 2048 on whatever is launched
+    assert printed["global batch"].startswith(f"2048 = {batch} per process x 1 process x {accum} accumulation steps")
     assert float(printed["lr"].split(" (")[0]) == lr
     assert printed["tract"] == f"on, layer patch_embed.proj, lambda {lam}"
     assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", str(gpus))  # the paper's GPUs: 256 images each, accumulated to 2048
+    paper = parse_args(["-c", str(ROOT / "configs" / config)])
+    assert (paper.batch_size, paper.accum_steps) == (256, 2048 // (256 * gpus))
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ def test_resume_gives_bitwise_the_weights_and_lr_sequence_of_an_uninterrupted_ru
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(tiny_run(tiny_imagefolder, straight, *recipe))
     train.main(tiny_run(tiny_imagefolder, resumed, *recipe, "--resume", str(straight / "checkpoints" / "epoch-0001")))
-    for name in ("model.safetensors", "model_ema.safetensors"):
+    for name in ("model.safetensors", "ema/model.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # per-update schedule: 6 updates per epoch; each epoch logs the lr of its last update
@@ -237,7 +240,7 @@ def test_preemption_checkpoints_mid_epoch_exits_75_and_resume_skips_what_was_see
     with pytest.raises(SystemExit) as e:
         train.main(tiny_run(tiny_imagefolder, preempted, *recipe))
     assert e.value.code == EXIT_REQUEUE
-    assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0000-update-000003"
+    assert os.readlink(preempted / "checkpoints" / "last") == "epoch-0000-plus-000003-updates"
     assert not (preempted / "model.safetensors").exists()
     monkeypatch.setattr(tract.data, "build_dataset", build)
     train.main(tiny_run(tiny_imagefolder, preempted, *recipe, "--resume", str(preempted)))

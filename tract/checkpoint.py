@@ -3,8 +3,9 @@
 Layout of a run folder::
 
     OUTPUT/checkpoints/epoch-0003/                  after 3 full epochs
-    OUTPUT/checkpoints/epoch-0004-update-000120/    mid-epoch (preemption, or an update interval)
-    OUTPUT/checkpoints/last -> epoch-0004-update-000120   (symlinks, replaced atomically)
+    OUTPUT/checkpoints/epoch-0003-plus-000120-updates/   3 epochs and 120 updates of the 4th (preemption, or an
+                                                         update interval)
+    OUTPUT/checkpoints/last -> epoch-0003-plus-000120-updates   (symlinks, replaced atomically)
     OUTPUT/checkpoints/best -> epoch-0003
 
 A checkpoint folder holds Accelerate's ``save_state`` files for what Accelerate does well (``model.safetensors``,
@@ -48,7 +49,7 @@ from tract.weights import parse_safetensors
 __all__ = ["CheckpointError", "TrainState", "checkpoint_name", "checkpoint_names", "name_position", "link_target",
            "relink", "save_checkpoint", "verify_checkpoint", "resolve_resume", "older_checkpoints", "load_checkpoint",
            "repair_links",
-           "settle_resume", "checkpoint_args", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
+           "settle_resume", "checkpoint_args", "checkpoint_weights", "export_weights", "export_timm_config", "parameters_finite", "MANIFEST",
            "RUN_ARGS"]
 
 MANIFEST = "manifest.json"
@@ -56,11 +57,16 @@ MANIFEST = "manifest.json"
 # "args.yaml": that name marks a run folder.)
 RUN_ARGS = "run_args.yaml"
 _FORMAT = 1
-_NAME = re.compile(r"^epoch-(\d{4,9})(?:-update-(\d{6,9}))?$")
+# A name says how much training is done: `epoch-0003` 3 epochs, `epoch-0003-plus-000120-updates` 120 updates more.
+# Checkpoints of earlier versions named the second `epoch-0003-update-000120` (read as update 120 of epoch 3, where it
+# is of epoch 4): still read, for resuming, never written.
+_NAME = re.compile(r"^epoch-(\d{4,9})(?:-plus-(\d{6,9})-updates|-update-(\d{6,9}))?$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # what save_state and train.py name their files
 MAX_FILES = 1024  # in one checkpoint: a few per process
 MAX_FILE_BYTES = 1 << 40  # one checkpoint file (a ViT-g optimizer state is tens of GB)
 _COUNT = 1 << 53  # counts (epochs, updates, images) beyond this are not ones a run reached
+# timm's pretrained_cfg keys that describe its own hub weights of an architecture, not a model trained here
+WEIGHTS_METADATA = ("tag", "license", "description", "origin_url", "paper_ids", "paper_name", "notes")
 
 
 class CheckpointError(ConfigError):
@@ -157,13 +163,14 @@ class TrainState:
 def name_position(name: str) -> Optional[Tuple[int, int]]:
     """(epoch, update_in_epoch) a checkpoint folder's name says, or None for a name train.py does not write."""
     match = _NAME.match(name)
-    return (int(match[1]), int(match[2] or 0)) if match else None
+    return (int(match[1]), int(match[2] or match[3] or 0)) if match else None
 
 
 def checkpoint_name(state: TrainState) -> str:
-    """Folder name that sorts by training progress: ``epoch-0003`` or ``epoch-0003-update-000120``."""
+    """Folder name that says how much training is done (and sorts by it): ``epoch-0003`` after 3 epochs,
+    ``epoch-0003-plus-000120-updates`` 120 updates into the 4th."""
     name = f"epoch-{state.epoch:04d}"
-    return f"{name}-update-{state.update_in_epoch:06d}" if state.update_in_epoch else name
+    return f"{name}-plus-{state.update_in_epoch:06d}-updates" if state.update_in_epoch else name
 
 
 def best_name(state: TrainState) -> Optional[str]:
@@ -488,6 +495,15 @@ def _read_listed(folder: Path, files: Dict[str, Dict[str, Any]], name: str) -> b
     return data
 
 
+def checkpoint_weights(folder: Path, name: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The tensors of a checkpoint's ``model.safetensors`` or ``ema.safetensors``, parsed from the bytes that match its
+    manifest (None when the manifest lists no such file): what an export writes."""
+    files = _listed_files(Path(folder))
+    if name not in files:
+        return None
+    return parse_safetensors(_read_listed(Path(folder), files, name), Path(folder) / name)
+
+
 def _unpickle(data: bytes, path: Path) -> Any:
     """torch.load(weights_only=True) of bytes, numpy's RNG arrays the only extra types; a pickle of anything else is
     refused."""
@@ -751,16 +767,17 @@ def _restore_cuda_rng(saved: List[torch.Tensor], device: torch.device, path: Pat
     log(f"warning: {message}; continuing with a fresh CUDA random state: the run is no longer exact")
 
 
-def export_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+def export_weights(state_dict: Dict[str, torch.Tensor], path: Path, run: Optional[Path] = None) -> None:
     """Write a plain state_dict as safetensors, atomically and never through a link (write_private); a failed write
-    (a full disk) leaves no partial file and is one message naming the file."""
+    (a full disk) leaves no partial file and is one message naming the file and the run to resume (``run``, else the
+    file's folder)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     try:
         write_private(path, lambda name: save_file(state_dict, str(name), metadata={"format": "pt"}))
     except Exception as e:
-        raise write_failed(path, e, path.parent) from None
+        raise write_failed(path, e, run or path.parent) from None
 
 
 def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str, label_names: List[str],
@@ -769,13 +786,18 @@ def export_timm_config(model: torch.nn.Module, path: Path, *, architecture: str,
     ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds and loads the model and
     ``timm.data.resolve_data_config(model=...)`` gives the run's eval preprocessing: timm's own ``save_config_for_hf``
     with the architecture, its kwargs, num_classes, ``label_names`` and ``data_config`` (input_size, mean, std,
-    crop_pct, interpolation, crop_mode)."""
+    crop_pct, interpolation, crop_mode). What describes timm's own pretrained weights of the architecture
+    (``WEIGHTS_METADATA``: tag, license, paper) is left out: the run never loaded them."""
     from timm.models._hub import save_config_for_hf  # what timm's save_for_hf / push_to_hf_hub write
 
     path = Path(path)
+    pretrained_cfg = model.pretrained_cfg
+    model.pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in WEIGHTS_METADATA}
     try:
         write_private(path, lambda name: save_config_for_hf(
             model, str(name), model_config={"pretrained_cfg": {"architecture": architecture},
                                             "label_names": list(label_names)}, data_config=data_config))
     except Exception as e:
         raise write_failed(path, e, path.parent) from None
+    finally:
+        model.pretrained_cfg = pretrained_cfg

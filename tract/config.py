@@ -19,15 +19,25 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
-from tract.errors import ConfigError
+from tract.errors import ConfigError, first_process_on_machine
+from tract.global_batch import batch_layout, launched_processes, reachable_layouts
 from tract.safe_files import read_yaml, refuse_special, write_atomic
 
-__all__ = ["DATASETS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "first_process_on_machine", "get_args_parser",
+__all__ = ["DATASETS", "DEIT3_MODELS", "FIRST_LAYER_OPTIMIZERS", "PATCH_NORMS", "get_args_parser",
            "parse_args", "command_line_keys", "validate_args", "load_config", "save_args", "find_run_args",
-           "parse_model_kwargs", "RESUME_FREE", "TIMM_SOURCE_KWARGS", "check_resume_changes", "inactive_tract_options"]
+           "parse_model_kwargs", "RESUME_FREE", "TIMM_SOURCE_KWARGS", "check_resume_changes", "inactive_tract_options",
+           "apply_global_batch"]
 
 # --data-set: the datasets tract/data.py reads (DeiT's names, and FOLDER for any ImageFolder layout).
 DATASETS: Tuple[str, ...] = ("IMNET", "CIFAR10", "CIFAR100", "FMNIST", "FLOWERS", "CARS", "FOLDER")
+# DeiT III's model names (models_v2.py), which --model takes too -> the same networks in timm.
+DEIT3_MODELS = {
+    "deit_small_patch16_LS": "deit3_small_patch16_224",
+    "deit_medium_patch16_LS": "deit3_medium_patch16_224",
+    "deit_base_patch16_LS": "deit3_base_patch16_224",
+    "deit_large_patch16_LS": "deit3_large_patch16_224",
+    "deit_huge_patch14_LS": "deit3_huge_patch14_224",
+}
 # --first-layer-opt: "same" = the first layer on --opt with the rest; "sgd" = on its own SGD with momentum (Fig. 9).
 FIRST_LAYER_OPTIMIZERS = ("same", "sgd")
 # --patch-norm (Fig. 7): none; "patch" = every input patch standardised on its own; "dual" = DualPatchNorm (Kumar et
@@ -44,13 +54,33 @@ RESUME_FREE = ("output_dir", "epochs", "num_workers", "pin_mem", "prefetcher", "
 # command line only, never from a file a person other than the one typing the command may have written.
 TIMM_SOURCE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 # Flags that steer this invocation only: never written to args.yaml, never taken from it.
-RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind", "eval", "dry_run")
-LAUNCH_HINT = "launching is Accelerate's job: see the README's Launching section (accelerate launch / launch/)"
+RUN_CONTROL = ("config", "resume", "resume_inexact", "resume_override", "rewind", "eval", "dry_run", "output",
+               "experiment")
+# timm's and DeiT's flags that have no same-meaning spelling here: an unrecognized one is answered with ours.
+OTHER_SPELLINGS = {
+    "--pretrained": "--finetune WEIGHTS (timm's --pretrained downloads the hub weights of --model; nothing is "
+                    "downloaded here: pass the weights file, e.g. a model.safetensors from huggingface.co/timm/MODEL)",
+    "--clip-mode": "--clip-grad NORM (gradient norm clipping, timm's --clip-mode norm; value and agc are not offered)",
+    "--dataset": "--data-set (DeiT's names: IMNET, CIFAR10, ... or FOLDER)", "-d": "--data-set",
+    "--interpolation": "--train-interpolation (used for evaluation too)",
+    "--lr-base": "--lr (DeiT's rule: the lr per 512 images, scaled by global batch / 512)",
+    "--lr-base-size": "--lr (per 512 images, DeiT's rule)",
+    "--recovery-interval": "--checkpoint-interval-updates N",
+    "--validation-batch-size": "nothing: evaluation batches are 1.5 x --batch-size (DeiT's)",
+    "--device": "the launcher (accelerate launch, --cpu); see docs/launch.md",
+    "--local-rank": "nothing: accelerate launch starts the processes",
+    "--local_rank": "nothing: accelerate launch starts the processes",
+    "--log-wandb": "nothing: TensorBoard events are in the run folder (tensorboard --logdir OUTPUT)",
+    "--sync-bn": "nothing: the models here have no BatchNorm to synchronise, except ResNets (timm's BatchNorm, "
+                 "per process)",
+}
+DESCRIPTION = ("Train a timm image model with DeiT III's recipe (timm + Accelerate), with TrAct on its first layer. "
+               "Precedence: the defaults < -c YAML < the command line; a run's args.yaml is the base of --resume.")
+LAUNCH_HINT = "launching is Accelerate's job: see docs/launch.md (accelerate launch / launch/)"
 
 
-def first_process_on_machine() -> bool:
-    """Whether this process tells the user about a bad option: the first of each machine's launch, or the only one."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the description's line breaks kept (finetune.py's precedence list)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,8 +99,10 @@ class _Parser(argparse.ArgumentParser):
             known = [o for o in self._option_string_actions if o.startswith("--")]
             parts = []
             for flag in flags:
-                close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.6)
-                parts.append(flag + (f" (did you mean {close[0]}?)" if close else ""))
+                name = flag.split("=", 1)[0]
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                parts.append(flag + (f" (here: {OTHER_SPELLINGS[name]})" if name in OTHER_SPELLINGS else
+                                     f" (did you mean {close[0]}?)" if close else ""))
             message = prefix + (", ".join(parts) or message[len(prefix):])
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: python {self.prog} --help lists every option\n")
 
@@ -99,6 +131,36 @@ class _ModelKwargs(argparse.Action):
             parser.error(str(e))
 
 
+class _InputSize(argparse.Action):
+    """``--input-size 224`` or timm's ``--input-size 3 224 224`` (channels, height, width: also sets --in-chans)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            sizes = [int(v) for v in values]
+        except ValueError:
+            parser.error(f"{option_string} takes whole numbers: SIZE, or C H W as timm's, got {' '.join(values)}")
+        if len(sizes) == 3 and sizes[1] == sizes[2]:
+            namespace.in_chans, sizes = sizes[0], sizes[1:2]
+        if len(sizes) != 1:
+            parser.error(f"{option_string} takes SIZE or C H W with H = W (square images), got {' '.join(values)}")
+        setattr(namespace, self.dest, sizes[0])
+
+
+class _Precision(argparse.Action):
+    """timm's ``--amp`` (fp16 autocast with a grad scaler) and ``--amp-dtype`` as --mixed-precision."""
+
+    DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
+
+    def __init__(self, option_strings, dest, **kwargs):
+        takes_dtype = "--amp-dtype" in option_strings
+        super().__init__(option_strings, dest, nargs=None if takes_dtype else 0, default=argparse.SUPPRESS,
+                         choices=tuple(self.DTYPES) if takes_dtype else None,
+                         help="timm's spelling of --mixed-precision " + ("fp16 / bf16" if takes_dtype else "fp16"))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.DTYPES[values] if values else "fp16")
+
+
 class _Refused(argparse.Action):
     """A DeiT option whose job belongs to the launcher here: refuse it with a pointer instead of ignoring it."""
 
@@ -109,17 +171,19 @@ class _Refused(argparse.Action):
         parser.error(f"{option_string} is DeiT's submitit/torch.distributed option; {LAUNCH_HINT}")
 
 
-def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """Build the full parser; ``defaults`` (e.g. finetune.py's) replace the parser defaults before any YAML."""
-    p = _Parser(prog=prog, description="DeiT III training on timm + Accelerate, with TrAct.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[str] = None, *,
+                    description: str = DESCRIPTION, require_finetune: bool = False) -> argparse.ArgumentParser:
+    """Build the full parser; ``defaults`` (e.g. finetune.py's) replace the parser defaults before any YAML;
+    ``description`` heads --help; ``require_finetune``: --finetune is required (finetune.py)."""
+    p = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     p.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML of argument values (dest names)")
 
     g = p.add_argument_group("dataset")
     g.add_argument("--data-set", "--data_set", dest="data_set", default=None, choices=DATASETS,
-                   help="dataset; None = IMNET when --data-path is given (DeiT), else Fashion-MNIST (the demo)")
-    g.add_argument("--data-path", "--data_path", dest="data_path", default=None,
+                   help="dataset; None = FOLDER when --data-path is given (an ImageFolder, read as DeiT reads IMNET), "
+                        "else Fashion-MNIST (the demo)")
+    g.add_argument("--data-path", "--data_path", "--data-dir", dest="data_path", default=None,
                    help="dataset root (FMNIST: None = Debian's /usr/share/datasets/fashion-mnist)")
     g.add_argument("--download", action=bool_flag, default=False, help="download the dataset if missing")
     g.add_argument("--train-split", default="train", metavar="NAME",
@@ -131,14 +195,14 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="normalisation mean per input channel, as timm's; None = ImageNet's (--mean 0 --std 1: [0, 1])")
     g.add_argument("--std", type=float, nargs="+", default=None,
                    help="normalisation std per input channel; None = ImageNet's (--std 0.00392156862745098: [0, 255])")
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=None,
+    g.add_argument("--num-workers", "--num_workers", "--workers", "-j", dest="num_workers", type=int, default=None,
                    help="data loader workers per process; None = min(10, CPUs per process)")
     g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action=bool_flag, default=True,
                    help="pin host memory of batches (faster host-to-GPU copies)")
     g.add_argument("--prefetcher", action=bool_flag, default=None,
                    help="timm's PrefetchLoader for training: workers hand over uint8, the next batch is copied on a "
                         "side stream and normalised (random erasing too) on the device; None = on with CUDA, off on "
-                        "the CPU (measured slower there: README, Speed)")
+                        "the CPU (measured slower there: docs/library.md, Speed)")
     g.add_argument("--persistent-workers", action=bool_flag, default=True,
                    help="keep the loader workers alive between epochs (with --num-workers > 0)")
     g.add_argument("--prefetch-factor", type=int, default=None,
@@ -149,7 +213,10 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="timm model name, or DeiT III's deit_small_patch16_LS / deit_base_patch16_LS")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=_ModelKwargs, metavar="K=V",
                    help="extra timm.create_model keyword arguments, values as Python literals")
-    g.add_argument("--input-size", type=int, default=28, help="image size (the model is built for it)")
+    g.add_argument("--input-size", "--img-size", dest="input_size", nargs="+", action=_InputSize, default=28,
+                   metavar="SIZE", help="image size (the model is built for it); timm's C H W also works")
+    g.add_argument("--num-classes", "--nb-classes", "--nb_classes", dest="num_classes", type=int, default=None,
+                   help="the classes the head predicts; None = the dataset's, which any value given must equal")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     g.add_argument("--drop-path-schedule", default=None, choices=("uniform", "linear"),
@@ -161,7 +228,12 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="ViTs with a kernel == stride patch embedding (the paper's Fig. 7): 'patch' standardises every "
                         "input patch on its own, 'dual' is DualPatchNorm (LayerNorm before and after the patch "
                         "embedding); TrAct sees the normalised patches. A model trained with it needs it to load")
-    g.add_argument("--finetune", default=None, metavar="WEIGHTS", help="start from these weights (finetune.py)")
+    g.add_argument("--finetune", "--initial-checkpoint", "--pretrained-path", dest="finetune", default=None,
+                   metavar="WEIGHTS", required=require_finetune,
+                   help="start from these weights, adapted to the model: a train.py run folder (its args.yaml then "
+                        "gives the model and TrAct), a checkpoint folder, a .safetensors or a DeiT / timm .pth / .bin"
+                        + ("; required, unless --resume continues a finetune run" if require_finetune else
+                           " (finetune.py: the same with DeiT III's finetuning recipe)"))
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (TrAct included) with this backend (timm's flag; alone: inductor)")
     g.add_argument("--torchcompile-mode", default=None, metavar="MODE",
@@ -191,8 +263,15 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
                    help="learning rate at a global batch of 512 (scaled by global batch / 512 unless --unscale-lr)")
     g.add_argument("--unscale-lr", action=bool_flag, default=False, help="use --lr as is, without batch scaling")
     # --batch: DeiT III's README command spells it so (argparse's abbreviation there; explicit here, as none are taken)
-    g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=128, help="batch size per process")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches accumulated per optimizer update")
+    g.add_argument("--batch-size", "--batch", "-b", dest="batch_size", type=int, default=128,
+                   help="batch size per process")
+    g.add_argument("--accum-steps", "--grad-accum-steps", dest="accum_steps", type=int, default=1,
+                   help="micro-batches accumulated per optimizer update (derived when --global-batch is set)")
+    g.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="images per optimizer update over all processes, kept on any launch: --batch-size is then the "
+                        "most per process, and the per-process batch and --accum-steps are derived from the processes "
+                        "launched (a process count that cannot reach N is refused); None or 0 = --batch-size x "
+                        "processes x --accum-steps")
     g.add_argument("--first-layer-opt", default="same", choices=FIRST_LAYER_OPTIMIZERS,
                    help="the first layer (the one --tract wraps, with or without --tract) on --opt with the rest, or "
                         "on its own SGD with momentum while the rest keeps --opt (the paper's Fig. 9)")
@@ -236,7 +315,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
     g.add_argument("--repeated-aug", action=bool_flag, default=False,
                    help="repeated augmentation x3 (multi-process runs only)")
-    g.add_argument("--eval-crop-ratio", type=float, default=1.0, help="eval: resize to size/ratio, center crop")
+    g.add_argument("--eval-crop-ratio", "--crop-pct", dest="eval_crop_ratio", type=float, default=1.0,
+                   help="eval: resize to size/ratio, center crop")
 
     g = p.add_argument_group("mixup, cutmix and loss")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0 = off")
@@ -257,7 +337,12 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
-                   help="run folder; None = output/train/<time>-<model>-<size>")
+                   help="run folder; None = OUTPUT/train/EXPERIMENT (timm's naming; OUTPUT/finetune/EXPERIMENT with "
+                        "--finetune)")
+    g.add_argument("--output", default=None, metavar="OUTPUT",
+                   help="timm's: the folder that holds the runs when --output-dir is not given; None = output")
+    g.add_argument("--experiment", default=None, metavar="EXPERIMENT",
+                   help="timm's: the run's folder name when --output-dir is not given; None = <time>-<model>-<size>")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="a run folder (the checkpoint its `last` points to) or a checkpoint")
     g.add_argument("--resume-override", action=bool_flag, default=False,
@@ -273,6 +358,8 @@ def get_args_parser(defaults: Optional[Dict[str, Any]] = None, prog: Optional[st
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="None = the launcher's setting (accelerate config / launch flag)")
+    g.add_argument("--amp", dest="mixed_precision", action=_Precision)
+    g.add_argument("--amp-dtype", dest="mixed_precision", action=_Precision)
     g.add_argument("--dist-timeout", type=float, default=60.0, help="process-group timeout in minutes")
     g.add_argument("--tf32", action=bool_flag, default=True,
                    help="on CUDA, float32 matmuls and convolutions in TF32 (as timm's train.py)")
@@ -332,13 +419,18 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None, *, 
 def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     """Give a YAML value the type the command line would give it (YAML reads 4e-3 as a string, for one)."""
     if value is None:
-        numeric = action.type in (int, float) or isinstance(action, argparse.BooleanOptionalAction)
+        numeric = action.type in (int, float) or isinstance(action, (argparse.BooleanOptionalAction, _InputSize))
         if numeric and action.default is not None:  # null means "off" only where the option has an off state
             raise ConfigError(f"{where} needs a value (leave the key out for the default, {action.default!r})")
         return None
     if isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, _InputSize):
+        if type(value) is not int:
+            raise ConfigError(f"{where} must be one whole number (the square image size; set in_chans for channels), "
+                              f"got {value!r}")
         return value
     if isinstance(action, _ModelKwargs):
         if not isinstance(value, dict):
@@ -369,10 +461,11 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str, Any]] = None,
-               prog: Optional[str] = None) -> argparse.Namespace:
+               prog: Optional[str] = None, *, description: str = DESCRIPTION,
+               require_finetune: bool = False) -> argparse.Namespace:
     """Parse the command line: defaults, then the ``--resume`` run's args.yaml, then ``-c`` YAML, then the remaining
     flags; then validate. A resume that changes what the run computes is refused unless ``--resume-override``."""
-    parser = get_args_parser(defaults, prog=prog)
+    parser = get_args_parser(defaults, prog=prog, description=description, require_finetune=require_finetune)
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("-c", "--config", default=None)
     first.add_argument("--resume", default=None)
@@ -396,6 +489,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, defaults: Optional[Dict[str
             refuse_special(Path(value).expanduser(), flag)
     validate_args(args)
     _check_model_sources(args, argv, known.config or run_args)
+    apply_global_batch(args, launched_processes(), accum_given="accum_steps" in command_line_keys(argv))
     if saved:
         check_resume_changes(args, saved, run_args, prog=parser.prog)
     return args
@@ -436,6 +530,33 @@ def check_resume_changes(args: argparse.Namespace, saved: Dict[str, Any], run_ar
     if notes and os.environ.get("RANK", "0") == "0":
         print(f"note: resuming {run} with its args.yaml, changed: {'; '.join(notes)}" +
               (" (--resume-override: no longer the uninterrupted run)" if refused else ""))
+
+
+def apply_global_batch(args: argparse.Namespace, processes: int, accum_given: bool = False) -> None:
+    """With ``--global-batch N``: set ``batch_size`` and ``accum_steps`` to the layout that reaches N exactly on
+    ``processes`` (tract/global_batch.py); a layout that cannot, or a command-line ``--accum-steps`` that contradicts
+    it, is refused with the layouts that can."""
+    if not args.global_batch:
+        return
+    n = args.global_batch
+    layout = batch_layout(n, args.batch_size, processes)
+    if layout is None:
+        layouts = "; ".join(reachable_layouts(n, args.batch_size, processes))
+        raise ConfigError(f"--global-batch {n} cannot be split evenly over the {processes} processes launched: "
+                          f"launch a process count that divides it ({layouts}), "
+                          f"or pass --global-batch with a multiple of {processes} (e.g. "
+                          f"{n - n % processes or processes} or {n - n % processes + processes}), or --global-batch 0 "
+                          "to use --batch-size x processes x --accum-steps")
+    batch, steps = layout
+    if accum_given and steps != args.accum_steps:
+        raise ConfigError(f"--accum-steps {args.accum_steps} contradicts --global-batch {n}: over {processes} "
+                          f"process(es) it takes {batch} per process x {steps} step(s). Leave --accum-steps out (it is "
+                          "derived), lower --batch-size to accumulate more, or pass --global-batch 0 to set it "
+                          "yourself")
+    if batch < args.batch_size and first_process_on_machine():
+        print(f"note: --global-batch {n} over {processes} process(es): {batch} images per process x {steps} step(s) "
+              f"(--batch-size {args.batch_size} is the most per process)")
+    args.batch_size, args.accum_steps = batch, steps
 
 
 def _command_line_values(argv: Optional[Sequence[str]]) -> Dict[str, Any]:
@@ -550,6 +671,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.warmup_epochs >= args.epochs and first_process_on_machine():
         print(f"warning: --warmup-epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the "
               "learning rate never leaves its warmup", file=sys.stderr)
+    if args.global_batch is not None and args.global_batch < 0:
+        raise ConfigError(f"--global-batch must be > 0 (or 0 for none), got {args.global_batch}")
     if args.max_updates_per_epoch is not None and args.max_updates_per_epoch <= 0:
         raise ConfigError(f"--max-updates-per-epoch must be > 0, got {args.max_updates_per_epoch}")
     for key in ("checkpoint_interval_updates", "prefetch_factor"):

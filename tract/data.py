@@ -30,7 +30,8 @@ from tract.safe_files import special_kind
 
 __all__ = ["FMNIST_DEBIAN_ROOT", "read_image", "build_dataset", "check_dataset",
            "build_transform", "default_mean_std", "RASampler", "FashionMNISTIDX", "SeededBatchSampler",
-           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data"]
+           "SeededBatches", "DeviceLoader", "TrainData", "image_size", "build_train_data", "eval_interpolation",
+           "RANDOM_INTERPOLATIONS"]
 
 FMNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -77,6 +78,10 @@ _LAYOUTS = {
     "CARS": CARS_LAYOUT,
 }
 _DOWNLOADABLE = ("CIFAR10", "CIFAR100", "FMNIST", "FLOWERS")
+# The datasets whose files torchvision checks against the official release's MD5 checksums when it reads them
+_CHECKSUMMED = ("CIFAR10", "CIFAR100", "FLOWERS")
+# --train-interpolation random: timm's RandomResizedCropAndInterpolation draws one of these per image
+RANDOM_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def read_image(path: str):
@@ -327,8 +332,14 @@ def build_dataset(name: str, root: Optional[str], train: bool, transform: Option
                         f"no images ({', '.join(datasets.folder.IMG_EXTENSIONS)})",
                         "add images to it, or remove that class folder from both train/ and val/") from None
         # The layout check passed, so torchvision refused the files' contents (checksum) or a download failed.
-        fix = ("delete the damaged files and fetch them again" + (" with --download" if name in _DOWNLOADABLE else ""))
-        raise _fail(name, root, f"torchvision could not read it ({type(e).__name__}: {e})", fix) from e
+        problem, fix = f"torchvision could not read it ({type(e).__name__}: {e})", "delete the damaged files and " \
+            "fetch them again" + (" with --download" if name in _DOWNLOADABLE else "")
+        if name in _CHECKSUMMED:
+            problem = (f"torchvision refused its files: it checks each one against the MD5 checksum of the official "
+                       f"release, so a damaged, partial, re-saved or subset copy is refused ({type(e).__name__}: {e})")
+            fix += (". For a subset or an edited copy, lay the images out as an image folder (ROOT/train/<class>/, "
+                    "ROOT/val/<class>/) and pass --data-set FOLDER, which checks no checksums")
+        raise _fail(name, root, problem, fix) from e
 
 
 def default_mean_std(in_chans: int = 3) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -356,7 +367,8 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     solarize(128), Gaussian blur radius U(0.1, 2), then ColorJitter) or the RandAugment string ``auto_augment``
     (timm drops colour jitter under RandAugment); normalise; random erasing with probability ``reprob``.
     Eval: Resize(int(input_size / eval_crop_ratio)) + CenterCrop(input_size) + normalise. ``mean``/``std`` have one
-    value per input channel (length 1 for ``in_chans=1``).
+    value per input channel (length 1 for ``in_chans=1``). ``interpolation='random'`` (DeiT's and timm's choice): each
+    training image resized with bilinear or bicubic at random, evaluation with bicubic (``eval_interpolation``).
 
     ``use_prefetcher`` (timm's meaning): the transform ends in a uint8 CHW tensor, without normalisation and random
     erasing, which ``DeviceLoader`` does on the device.
@@ -366,8 +378,9 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
 
     mean, std = tuple(mean), tuple(std)
     if not train:
-        return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio, interpolation=interpolation,
-                                mean=mean, std=std, use_prefetcher=use_prefetcher)
+        return create_transform(input_size, is_training=False, crop_pct=eval_crop_ratio,
+                                interpolation=eval_interpolation(interpolation), mean=mean, std=std,
+                                use_prefetcher=use_prefetcher)
     if three_augment and auto_augment:
         raise ValueError(f"three_augment replaces auto_augment={auto_augment!r}: pass one of them, not both")
     primary, secondary, final = create_transform(
@@ -378,12 +391,20 @@ def build_transform(train: bool, input_size: int, *, three_augment: bool = False
     if simple_random_crop:
         from timm.data.transforms import str_to_interp_mode
 
+        resizes = [transforms.Resize(input_size, interpolation=str_to_interp_mode(mode))
+                   for mode in (RANDOM_INTERPOLATIONS if interpolation == "random" else (interpolation,))]
+        resize = transforms.RandomChoice(resizes) if len(resizes) > 1 else resizes[0]
         primary = transforms.Compose([
-            transforms.Resize(input_size, interpolation=str_to_interp_mode(interpolation)),
+            resize,
             transforms.RandomCrop(input_size, padding=4, padding_mode="reflect"),
             transforms.RandomHorizontalFlip(),
         ])
     return transforms.Compose(primary.transforms + secondary.transforms + final.transforms)
+
+
+def eval_interpolation(interpolation: str) -> str:
+    """The evaluation's resize interpolation for ``--train-interpolation``: the same; bicubic for 'random' (DeiT)."""
+    return "bicubic" if interpolation == "random" else interpolation
 
 
 def _posterize(img, bits_to_keep: int, **kwargs):
@@ -591,7 +612,7 @@ class TrainData:
         """The eval preprocessing as timm's data config (what resolve_data_config(model=...) should give back)."""
         return {"input_size": (args.in_chans, args.input_size, args.input_size), "mean": tuple(self.mean),
                 "std": tuple(self.std), "crop_pct": args.eval_crop_ratio, "crop_mode": "center",
-                "interpolation": args.train_interpolation}
+                "interpolation": eval_interpolation(args.train_interpolation)}
 
     def describe_resize(self, input_size: int, eval_crop_ratio: float) -> str:
         """Whether the images are resized for the model (e.g. 64-px images to 28 px: the dry-run summary's line)."""
@@ -634,7 +655,8 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
     from timm.data.loader import fast_collate
     from torch.utils.data import DataLoader, DistributedSampler
 
-    name = args.data_set or ("IMNET" if args.data_path else "FMNIST")
+    # DeiT reads --data-path alone as ImageNet; it is read the same way here, as the image folder it may not be ImageNet
+    name = args.data_set or ("FOLDER" if args.data_path else "FMNIST")
     mean, std = default_mean_std(args.in_chans)
     mean, std = args.mean or mean, args.std or std
     # GPU input path (timm's): workers hand over uint8, normalisation and random erasing run on the device
@@ -658,6 +680,10 @@ def build_train_data(args, accelerator, *, log: Callable[[str], None] = print) -
                                                in_chans=args.in_chans, split=args.train_split)
         val_set, _ = build_dataset(name, args.data_path, False, eval_tf, in_chans=args.in_chans,
                                    split=args.val_split)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise ConfigError(f"--num-classes {args.num_classes}, but {name} at {args.data_path or 'the default path'} has "
+                          f"{num_classes} classes, which the head always predicts: leave --num-classes out (or point "
+                          "--data-path at the dataset you meant)")
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.repeated_aug and world > 1:

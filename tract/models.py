@@ -19,6 +19,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from tract.config import DEIT3_MODELS
 from tract.errors import ConfigError
 from tract.method import apply_tract
 from tract.weights import load_pretrained
@@ -27,14 +28,6 @@ __all__ = ["vit_pico_patch7_28", "vit_cifar_patch4_32", "vit_pico_convstem_28", 
            "PatchNorm", "add_patch_norm", "resolve_model_name", "optimizer_eps", "build_model",
            "set_drop_path", "check_patch_grid", "plain_state_dict", "count_parameters", "build_ema"]
 
-# DeiT III's model names (models_v2.py) -> the same networks in timm.
-DEIT3_MODELS = {
-    "deit_small_patch16_LS": "deit3_small_patch16_224",
-    "deit_medium_patch16_LS": "deit3_medium_patch16_224",
-    "deit_base_patch16_LS": "deit3_base_patch16_224",
-    "deit_large_patch16_LS": "deit3_large_patch16_224",
-    "deit_huge_patch14_LS": "deit3_huge_patch14_224",
-}
 DEIT3_LAYER_SCALE_INIT = 1e-4  # DeiT III models_v2.py: init_scale=1e-4 (timm's deit3_*: 1e-6)
 DEIT3_CLS_TOKEN_STD = 0.02  # DeiT III models_v2.py: trunc_normal_(self.cls_token, std=.02) (timm: normal, std 1e-6)
 DEIT_OPT_EPS = 1e-8  # DeiT main.py: --opt-eps default, passed to every optimizer (timm's Lamb: 1e-6)

@@ -293,9 +293,11 @@ def _start_writing(args: argparse.Namespace, place: RunPlace, rewind: Optional[L
 
 
 def _default_output_dir(args: argparse.Namespace, accelerator) -> Path:
-    """timm's naming: output/train/<YYYYmmdd-HHMMSS>-<model>-<size>, the same on every process."""
+    """timm's naming: OUTPUT/train/EXPERIMENT (``--output``, default output; ``--experiment``, default
+    <YYYYmmdd-HHMMSS>-<model>-<size>, the same on every process); a run from --finetune weights in OUTPUT/finetune/."""
     from accelerate.utils import broadcast_object_list
 
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(stamp)
-    return Path("output") / "train" / f"{stamp[0]}-{resolve_model_name(args.model)[0]}-{args.input_size}"
+    name = args.experiment or f"{stamp[0]}-{resolve_model_name(args.model)[0]}-{args.input_size}"
+    return Path(args.output or "output") / ("finetune" if args.finetune else "train") / name

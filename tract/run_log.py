@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tract.engine import SplitOptimizer, lr_warning, mixup_active
+from tract.global_batch import describe_global_batch
 from tract.run_lock import RunFolderLost, check_still_held
 from tract.safe_files import UnsafeFileError, append_text, read_json_lines, write_atomic, write_failed
 
@@ -43,11 +44,13 @@ def run_summary(args, accelerator, data, place, *, n_parameters: int, lr: float,
         "data resize": data.describe_resize(args.input_size, args.eval_crop_ratio),
         "augmentation": describe_augmentation(args),
         "loss": describe_loss(criterion),
-        "processes": accelerator.num_processes, "global batch": global_batch,
+        "processes": accelerator.num_processes,
+        "global batch": describe_global_batch(args.global_batch, args.batch_size, accelerator.num_processes,
+                                              args.accum_steps),
         "per-process batch": args.batch_size, "accumulation steps": args.accum_steps,
         "updates per epoch": data.updates_per_epoch, "epochs": args.epochs,
         "lr": f"{lr:.6g}" + (" (--unscale-lr)" if args.unscale_lr else
-                             f" (--lr {args.lr:g} x global batch {global_batch} / 512)") +
+                             f" (--lr {args.lr:g} per 512 images x global batch {global_batch} / 512)") +
               (f"; WARNING: {warning}" if warning else ""),
         "schedule": f"{args.sched} to --min-lr {args.min_lr:g}, stepped per " +
                     ("update" if args.sched_on_updates else "epoch"),

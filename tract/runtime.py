@@ -12,24 +12,21 @@ data, model, a checkpoint, a resumed epoch's evaluation) there is nothing to sav
 file system): a signal then ends the process at once, with the same status.
 """
 import argparse
-import hashlib
 import os
 import shlex
 import signal
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
-from tract.config import first_process_on_machine
-from tract.errors import ConfigError, DatasetError, WeightsError
+from tract.errors import ConfigError
 
 __all__ = ["EXIT_REQUEUE", "EXIT_INTERRUPTED", "LEGACY_INDEX_URL", "requested_precision", "check_precision",
            "launched_for_gpus", "check_cuda", "check_world_size", "set_cuda_speed_flags", "build_accelerator",
-           "cpu_launch", "default_num_workers", "StartUpStopped", "Preemption", "run_cli", "on_main"]
+           "cpu_launch", "default_num_workers", "StartUpStopped", "Preemption", "on_main"]
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program ended by Ctrl-C
@@ -100,7 +97,7 @@ def _cpu_command() -> str:
     config = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "cpu.yaml"
     if config.is_file() and config.is_relative_to(Path.cwd()):
         config = config.relative_to(Path.cwd())
-    elif not config.is_file():  # an installed tract: the repository's file, named as the README names it
+    elif not config.is_file():  # an installed tract: the repository's file, named as docs/launch.md names it
         config = Path("launch/accelerate/cpu.yaml")
     return shlex.join(["accelerate", "launch", "--config_file", str(config), *sys.argv])
 
@@ -121,8 +118,8 @@ def check_cuda() -> None:
             raise ConfigError(
                 f"this launch is configured for GPUs ({world} process(es), mixed precision {precision}), but torch "
                 f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) finds no usable GPU. Check `nvidia-smi`; "
-                f"with an older driver (or a V100) install torch's CUDA 12.6 build: {_INSTALL_LEGACY} (README, "
-                f"Installing for GPUs). To train on the CPU: {_cpu_command()}")
+                f"with an older driver (or a V100) install torch's CUDA 12.6 build: {_INSTALL_LEGACY} "
+                f"(docs/launch.md, Installing for GPUs). To train on the CPU: {_cpu_command()}")
         return
     arch_list = torch.cuda.get_arch_list()
     for index in range(torch.cuda.device_count()):
@@ -130,7 +127,8 @@ def check_cuda() -> None:
         if _has_kernels(capability, arch_list):
             continue
         name, sm = torch.cuda.get_device_name(index), f"sm_{capability[0]}{capability[1]}"
-        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (README, Installing for GPUs)"
+        fix = (f"install torch's CUDA 12.6 build, which has {sm}: {_INSTALL_LEGACY} (docs/launch.md, Installing for "
+               "GPUs)"
                if capability < (7, 5) else
                f"install a torch build whose torch.cuda.get_arch_list() has {sm} (https://pytorch.org/get-started)")
         raise ConfigError(f"GPU {index}, {name} ({sm}), has no kernels in torch {torch.__version__}, which was built "
@@ -296,36 +294,3 @@ class Preemption:
                "nothing was written: rerun the command")
         log(f"{'interrupted' if self.interrupted else 'preempted'} {where}: exiting with {self.exit_code} ({how})")
         raise SystemExit(self.exit_code)
-
-
-def _first_to_tell(message: str) -> bool:
-    """Whether this process prints ``message``: the first process of this machine's launch to meet it.
-
-    Every process of a launch meets a bad option, so it is told once per machine; an error only some processes meet
-    (a bad image in one process's shard) is told by the process that met it. The processes of one launch on one
-    machine share their parent (the launcher) and agree through an exclusively created file in the temp folder.
-    """
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1:
-        return True
-    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}-{os.getppid()}"
-    digest = hashlib.sha256(f"{launch}\n{message}".encode()).hexdigest()[:24]
-    try:
-        os.close(os.open(Path(tempfile.gettempdir()) / f"tract-told-{digest}", os.O_CREAT | os.O_EXCL, 0o644))
-    except FileExistsError:
-        return False
-    except OSError:  # no writable temp folder: the first process of the machine speaks for all
-        return first_process_on_machine()
-    return True
-
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], None], prog: str, argv: Optional[Sequence[str]] = None) -> None:
-    """Run a script's ``main``: a user error or a diverged run ends with one message and exit status 1, no traceback.
-
-    The message is printed once per machine by the first process that meets it (``_first_to_tell``); every other
-    process of the launch that meets it exits with status 1 too.
-    """
-    try:
-        main(argv)
-    except (ConfigError, DatasetError, WeightsError, FloatingPointError) as e:
-        message = f"{prog}: {'' if isinstance(e, FloatingPointError) else 'error: '}{e}"
-        raise SystemExit(message if _first_to_tell(message) else 1) from None

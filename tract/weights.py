@@ -263,7 +263,15 @@ def _adapt_to_vit(state_dict: dict[str, torch.Tensor], model: nn.Module, log: Lo
     before = {k: tuple(state_dict[k].shape) for k in ("pos_embed", "patch_embed.proj.weight") if k in state_dict}
     renamed = any("gamma_" in k for k in state_dict)
     # antialias=False: the plain bicubic kernel of DeiT's finetuning; the antialiased one is PIL's, a different kernel.
-    state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True, antialias=False)
+    try:
+        state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True, antialias=False)
+    except (RuntimeError, ValueError, KeyError, IndexError, AssertionError) as e:  # shapes of another architecture
+        shapes = ", ".join(f"{k} {v}" for k, v in before.items())
+        raise WeightsError(f"the weights are not this model's architecture ({type(model).__name__}, embed_dim "
+                           f"{getattr(model, 'embed_dim', '?')}; the weights have {shapes or 'no pos_embed'}): timm's "
+                           f"converter cannot adapt them ({type(e).__name__}: {str(e)[:200]}). Build the model the "
+                           "weights were trained as (--model, --model-kwargs, --in-chans; a train.py run's args.yaml "
+                           "has them)") from None
     if renamed:
         log("weights: renamed DeiT III LayerScale gamma_1/gamma_2 to ls1.gamma/ls2.gamma")
     for key, shape in before.items():
