@@ -126,7 +126,8 @@ def test_four_cpu_processes_that_cannot_reach_the_global_batch_stop_before_build
     assert out.returncode != 0
     told = [line for line in out.stderr.splitlines() if "--global-batch 30 cannot be split" in line]
     assert len(told) == 1 and "5 processes: 6 per process x 1 step;" in told[0]  # 30 = 6 x 5 x 1
-    assert f'File "{REPO}' not in out.stderr  # no traceback through the project's code (the launcher prints its own)
+    # no traceback through the project's code (the launcher prints its own; the venv may live inside the repository)
+    assert f'File "{REPO}/tract/' not in out.stderr and f'File "{REPO}/train.py' not in out.stderr
 
 
 def test_two_cpu_processes_train_one_update_of_the_global_batch_and_save_the_layout(tiny_imagefolder, tmp_path):

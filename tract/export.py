@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tract.checkpoint import CheckpointError, checkpoint_weights, export_weights, link_target, name_position
 from tract.errors import WeightsError, run_cli
-from tract.safe_files import MAX_JSON_BYTES, read_bytes, refuse_link, write_atomic
+from tract.safe_files import MAX_JSON_BYTES, UnsafeFileError, read_bytes, refuse_link, write_atomic
 
 __all__ = ["CONFIG", "find_checkpoint", "export_checkpoint", "export_run", "describe_exports", "main"]
 
@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, ema: bool = False) -> Path
                               f"run, python train.py --resume {run}, then export")
     try:
         state = checkpoint_weights(checkpoint, "ema.safetensors" if ema else "model.safetensors")
-    except (CheckpointError, WeightsError) as e:
+    except (CheckpointError, WeightsError, UnsafeFileError) as e:
         raise CheckpointError(f"cannot export {checkpoint}: {e}") from None
     if state is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run was trained without --model-ema): export "
