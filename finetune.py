@@ -25,8 +25,9 @@ from tract.config import DEIT3_MODELS, command_line_keys, find_run_args, parse_a
 from tract.errors import ConfigError, run_cli
 from tract.safe_files import read_yaml
 
-# DeiT III's finetune recipe (README command for ViT-B at 224 px; recipes.md section 4) without what depends on the
-# dataset, the model or the run length: the configs set those (epochs, warmup, drop path, batch).
+# DeiT III's finetune recipe (its README's command for ViT-B at 224 px, github.com/facebookresearch/deit,
+# README_revenge.md) without what depends on the dataset, the model or the run length: the configs set those (epochs,
+# warmup, drop path, batch).
 FINETUNE_DEFAULTS: Dict[str, Any] = {
     "opt": "adamw",
     "lr": 1e-5,  # per 512 images: DeiT III's 1e-5 at 8 x 64

@@ -159,7 +159,8 @@ def main(argv=None, args=None) -> None:
         # ---- save: the last, best and EMA weights, each in a folder timm.create_model("local-dir:...") loads
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            say(describe_exports(export_run(output_dir, ema=ema is not None), run_log.records))
+            say(describe_exports(export_run(output_dir, ema=ema is not None), run_log.records, state.best_acc1,
+                                 state.best_epoch))
         accelerator.end_training()
     except StartUpStopped:  # signalled before the first update, however far the start-up got: nothing to save
         if place is not None:

@@ -7,7 +7,7 @@ import yaml
 from tract.config import get_args_parser, parse_args, save_args
 from tract.errors import ConfigError
 
-# DeiT III's README command for ViT-S (recipes.md section 3) with its two typos fixed.
+# DeiT III's README command for ViT-S (github.com/facebookresearch/deit, README_revenge.md) with its two typos fixed.
 DEIT3_README = ("--model deit_small_patch16_LS --data-path X --batch 256 --lr 4e-3 --epochs 800 --weight-decay 0.05 "
                 "--sched cosine --input-size 224 --eval-crop-ratio 1.0 --reprob 0.0 --smoothing 0.0 "
                 "--warmup-epochs 5 --drop 0.0 --seed 0 --opt fusedlamb --warmup-lr 1e-6 --mixup .8 --drop-path 0.05 "

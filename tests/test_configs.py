@@ -17,7 +17,7 @@ from tract.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# The paper's values (docs/tract-paper.txt): name -> (model, timm optimizer, lr, epochs, weight decay, batch).
+# The paper's values (arXiv:2410.23970): name -> (model, timm optimizer, lr, epochs, weight decay, batch).
 PAPER = {}
 for depth in (18, 34, 50):  # section 4.3: SGD m0.9, wd 1e-4, lr 0.141 for 30 epochs, 0.1 for 60 and 90, batch 256
     for epochs in (30, 60, 90):
@@ -151,3 +151,14 @@ def test_readme_shows_a_command_for_every_paper_config():
 
     shown = " ".join(bash_commands())
     assert [name for name in sorted(PAPER) if f"configs/{name}" not in shown] == []
+
+
+def test_config_comments_cite_the_paper_or_a_public_url_not_a_file_outside_the_repository():
+    """A config's sources are the paper (by section or table, or its arXiv URL), public URLs, or this repository's
+    files: a document a comment names by path (.md, .txt; not a part of a URL) exists here."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        comments = " ".join(line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line)
+        named = re.findall(r"(?<![\w/.:-])((?:[\w-]+/)*[\w-]+\.(?:md|txt))\b", comments)
+        missing = [n for n in named if not (CONFIGS.parent / n).exists()]
+        assert not missing, f"{path.name} cites files not in the repository: {missing}"
+

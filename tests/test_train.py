@@ -123,7 +123,8 @@ def vit_parameters(dim, depth, tokens, classes, patch=16, chans=3):
     return (chans * patch * patch * dim + dim) + dim + tokens * dim + depth * block + 2 * dim + dim * classes + classes
 
 
-# recipes.md: global batch 2048 for every ImageNet run; ViT-S on 4 x A40, ViT-B on 8 x V100; lambda 0.1 (400 ep),
+# The paper (arXiv:2410.23970, section 4.3) and DeiT III's README: global batch 2048 for every ImageNet run;
+# ViT-S on 4 x A40, ViT-B on 8 x V100; lambda 0.1 (400 ep),
 # 0.2 (800 ep); DeiT III lr 4e-3 (S) / 3e-3 (B) unscaled; ViT-B pretrains at 192 px.
 PAPER_RUNS = [
     ("deit3_vit_s_400ep.yaml", 4, 0.1, 4e-3, vit_parameters(384, 12, 14 * 14, 10)),

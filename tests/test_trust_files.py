@@ -292,7 +292,7 @@ def test_the_best_accuracy_comes_from_the_verified_train_state_not_from_the_log(
     (out / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
     train.main(resume_argv(two_epoch_run[1], out) + ["--epochs", "3"])
     said = capsys.readouterr().out
-    done = re.search(r"done: best test_acc1 ([0-9.]+)%", said)
+    done = re.search(r"done: the best weights \(test_acc1 ([0-9.]+)%", said)
     assert float(done[1]) != fake
     best3 = json.loads((out / "checkpoints" / "epoch-0003" / "train_state.json").read_text())["best_acc1"]
     assert best3 >= state["best_acc1"] and best3 != fake

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from tract.checkpoint import CheckpointError, checkpoint_weights, export_weights, link_target, name_position
-from tract.errors import WeightsError, run_cli
-from tract.safe_files import MAX_JSON_BYTES, UnsafeFileError, read_bytes, refuse_link, write_atomic
+from tract.errors import ConfigError, WeightsError, run_cli
+from tract.safe_files import MAX_JSON_BYTES, read_bytes, refuse_link, write_atomic
 
 __all__ = ["CONFIG", "find_checkpoint", "export_checkpoint", "export_run", "describe_exports", "main"]
 
@@ -54,7 +54,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, ema: bool = False) -> Path
                               f"run, python train.py --resume {run}, then export")
     try:
         state = checkpoint_weights(checkpoint, "ema.safetensors" if ema else "model.safetensors")
-    except (CheckpointError, WeightsError, UnsafeFileError) as e:
+    except (ConfigError, WeightsError) as e:  # damaged or replaced: one message naming the file
         raise CheckpointError(f"cannot export {checkpoint}: {e}") from None
     if state is None:
         raise CheckpointError(f"{checkpoint} holds no EMA weights (the run was trained without --model-ema): export "
@@ -84,17 +84,18 @@ def export_run(output_dir: Path, *, ema: bool) -> Dict[str, Path]:
     return exports
 
 
-def describe_exports(exports: Dict[str, Path], records: List[dict]) -> str:
-    """The run's last line: which folder holds which weights, with the accuracy the run logged for them."""
+def describe_exports(exports: Dict[str, Path], records: List[dict], best_acc1: float, best_epoch: int) -> str:
+    """The run's last line: which folder holds which weights, with their accuracy: the best from the verified train
+    state (``best_acc1`` at the 0-based ``best_epoch``), the last epoch's and the EMA's from the run's last log line."""
     last = records[-1] if records else {}
-    best = max((r for r in records if "test_acc1" in r), key=lambda r: r["test_acc1"], default=None)
 
     def accuracy(record: Optional[dict], key: str) -> str:
         return f"{key} {record[key]:.2f}%, epoch {record['epoch']}" if record and key in record else "not evaluated"
 
     parts = []
     if "best" in exports:
-        parts.append(f"the best weights ({accuracy(best, 'test_acc1')}) in {exports['best']}/")
+        parts.append(f"the best weights ({accuracy({'test_acc1': best_acc1, 'epoch': best_epoch + 1}, 'test_acc1')}) "
+                     f"in {exports['best']}/")
     parts.append(f"the last epoch's ({accuracy(last, 'test_acc1')}) in {exports['last']}/")
     if "ema" in exports:
         parts.append(f"their EMA ({accuracy(last, 'test_ema_acc1')}) in {exports['ema']}/")
