@@ -1,5 +1,6 @@
 """The benchmarks' records: results CSVs whose every row says where it came from, and report blocks in Markdown files
 that a --report-only run rewrites from those CSVs (so a reader can re-derive every quoted number)."""
+import argparse
 import csv
 import os
 import platform
@@ -91,3 +92,11 @@ def block(path: Path, name: str) -> str:
     found = re.search(rf"<!-- begin {re.escape(name)} -->\n(?:(.*?)\n)?<!-- end {re.escape(name)} -->",
                       path.read_text(), re.S)
     return (found.group(1) or "") if found else ""
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count such as --jobs: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
 import tract_map  # noqa: E402
 from convergence import train  # noqa: E402
-from records import ROOT, append_csv, read_csv, update_block  # noqa: E402
+from records import ROOT, append_csv, positive_int, read_csv, update_block  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "results" / "speedup"  # the committed results
 SETTINGS = ("centre", "smooth", "patch8")  # in the order they run
@@ -328,12 +328,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=ROOT / "output" / "speedup", help="the train.py run folders")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS, metavar="NAME",
                    help=f"settings to run, in order (default: {' '.join(SETTINGS)})")
-    p.add_argument("--jobs", type=int, default=1, help="train.py runs at once (one torch thread each)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="train.py runs at once (one torch thread each)")
     p.add_argument("--report-only", action="store_true", help="only write the report from the CSV")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:

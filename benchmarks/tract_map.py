@@ -71,7 +71,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import load_rows as load_convergence_rows  # noqa: E402
-from records import append_csv, read_csv, update_block  # noqa: E402
+from records import append_csv, positive_int, read_csv, update_block  # noqa: E402
 from convergence import train  # noqa: E402
 import stats  # noqa: E402
 
@@ -334,14 +334,11 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME",
                    help=f"settings to run (default all: {' '.join(SETTINGS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds, shared by both arms")
-    p.add_argument("--jobs", type=int, default=1, help="train.py runs at once (one torch thread each)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="train.py runs at once (one torch thread each)")
     p.add_argument("--old-csv", type=Path, default=ROOT / "docs" / "results" / "results.csv",
                    help="convergence.py's CSV, for the old main setting")
     p.add_argument("--report-only", action="store_true", help="only write the table and plot from the CSV")
-    args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
